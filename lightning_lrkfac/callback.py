@@ -1,0 +1,307 @@
+"""LowRankKFACCallback: the Lightning hooks that drive low-rank K-FAC. No math lives here."""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor, nn
+
+from . import options as opt
+from .capture import ActivationCapture
+from .layers import BIAS_MODES, KFACLayer
+from .preconditioner import kl_clip_scale, pi_damping
+
+STATE_VERSION = 1
+
+
+class LowRankKFACCallback(Callback):
+    """Turns the optimizer step of an automatic-optimization run into a K-FAC natural-gradient step.
+
+    Every handled ``nn.Linear`` / ``nn.Conv2d`` gets Kronecker factors A (inputs) and B
+    (output gradients), each kept as a rank-``rank`` approximation (B: plus its exact
+    diagonal), or dense when ``rank`` ≥ its size. Before each optimizer step the
+    gradient G of the layer is replaced by (B + δ_B I)⁻¹ G (A + δ_A I)⁻¹ with π-damping;
+    the user's optimizer then takes the step. Other parameters keep their plain gradient.
+
+    Args:
+        rank: eigenpairs kept per factor (k). Factors of size ≤ k are kept dense (exact).
+        oversampling: extra sketch columns (p) of the subspace iteration.
+        damping: Tikhonov damping λ, split between the factors by π-damping.
+        factor_decay: EMA decay ρ of the factors, in [0, 1).
+        factor_update_interval: fold a batch's statistics every this many optimizer steps.
+        basis_update_interval: refresh the low-rank bases (and dense eigendecompositions)
+            every this many optimizer steps.
+        warmup_steps: optimizer steps that only collect statistics before preconditioning.
+        kl_clip: if set, rescale the step so that η² Σ⟨P, G⟩ ≤ kl_clip (Ba et al. 2017).
+        isotropic_tail: give A's dropped spectrum back as σ(I − UUᵀ), σ = mean tail eigenvalue.
+        bias_mode: ``"augment"`` (bias as an extra input column, one block) or
+            ``"separate"`` (bias gets B⁻¹ g_b, asdl's convention).
+        dense_threshold: also keep factors of size ≤ this dense.
+        include: glob patterns of module names to handle (default: every Linear/Conv2d).
+        exclude: glob patterns of module names to leave on the plain gradient.
+        fisher_type: ``"empirical"`` (gradients of the training loss).
+        loss_reduction: how the training loss reduces over examples, ``"mean"`` or ``"sum"``.
+        factor_dtype: ``"float32"`` or ``"float64"`` for all curvature state.
+        seed: seeds the random initial bases.
+        log_stats: log damping, captured trace, SPD repairs, skipped updates and time.
+    """
+
+    def __init__(
+        self,
+        rank: int = 32,
+        oversampling: int = 8,
+        damping: float = 1e-3,
+        factor_decay: float = 0.95,
+        factor_update_interval: int = 1,
+        basis_update_interval: int = 10,
+        warmup_steps: int = 0,
+        kl_clip: float | None = None,
+        isotropic_tail: bool = False,
+        bias_mode: str = "augment",
+        dense_threshold: int = 0,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        fisher_type: str = "empirical",
+        loss_reduction: str = "mean",
+        factor_dtype: str = "float32",
+        seed: int = 0,
+        log_stats: bool = True,
+    ) -> None:
+        super().__init__()
+        opt.positive_int("rank", rank)
+        opt.non_negative_int("oversampling", oversampling)
+        opt.positive_float("damping", damping)
+        opt.require(isinstance(factor_decay, (int, float)) and 0.0 <= factor_decay < 1.0, "factor_decay", "a number in [0, 1)", factor_decay)
+        opt.positive_int("factor_update_interval", factor_update_interval)
+        opt.positive_int("basis_update_interval", basis_update_interval)
+        opt.non_negative_int("warmup_steps", warmup_steps)
+        if kl_clip is not None:
+            opt.positive_float("kl_clip", kl_clip)
+        opt.one_of("bias_mode", bias_mode, BIAS_MODES)
+        opt.non_negative_int("dense_threshold", dense_threshold)
+        opt.patterns("include", include)
+        opt.patterns("exclude", exclude)
+        opt.one_of("fisher_type", fisher_type, opt.FISHER_TYPES)
+        opt.one_of("loss_reduction", loss_reduction, opt.LOSS_REDUCTIONS)
+        opt.one_of("factor_dtype", factor_dtype, tuple(opt.FACTOR_DTYPES))
+        self.rank = rank
+        self.oversampling = oversampling
+        self.damping = float(damping)
+        self.factor_decay = float(factor_decay)
+        self.factor_update_interval = factor_update_interval
+        self.basis_update_interval = basis_update_interval
+        self.warmup_steps = warmup_steps
+        self.kl_clip = None if kl_clip is None else float(kl_clip)
+        self.isotropic_tail = isotropic_tail
+        self.bias_mode = bias_mode
+        self.dense_threshold = dense_threshold
+        self.include = list(include) if include is not None else None
+        self.exclude = list(exclude or [])
+        self.fisher_type = fisher_type
+        self.loss_reduction = loss_reduction
+        self.factor_dtype = opt.FACTOR_DTYPES[factor_dtype]
+        self.seed = seed
+        self.log_stats = log_stats
+
+        self.layers: list[KFACLayer] = []
+        self.skipped_modules: dict[str, str] = {}
+        self.capture: ActivationCapture | None = None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.skipped_updates: Tensor | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    # -- discovery ------------------------------------------------------------------
+    def select_layers(self, model: nn.Module) -> list[KFACLayer]:
+        """The Linear/Conv2d modules this callback preconditions; the reasons for the rest go to ``skipped_modules``."""
+        layers, self.skipped_modules = [], {}
+        for name, module in model.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            if self.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+                continue
+            if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+                self.skipped_modules[name] = "excluded"
+            elif not module.weight.requires_grad:
+                self.skipped_modules[name] = "frozen weight"
+            elif isinstance(module, nn.Conv2d) and module.groups != 1:
+                self.skipped_modules[name] = f"groups={module.groups} (only groups=1 is handled)"
+            else:
+                layers.append(KFACLayer(name, module, self.bias_mode))
+        return layers
+
+    # -- Lightning hooks --------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise RuntimeError("LowRankKFACCallback needs automatic optimization (`automatic_optimization = True`): it preconditions in `on_before_optimizer_step`, which manual optimization bypasses.")
+        self.layers = self.select_layers(pl_module)
+        if not self.layers:
+            raise ValueError(
+                f"LowRankKFACCallback found nothing to precondition in {type(pl_module).__name__}: it handles nn.Linear and nn.Conv2d (groups=1) "
+                f"with trainable weights; `include`={self.include!r}, `exclude`={self.exclude!r}, skipped: {self.skipped_modules}"
+            )
+        self.capture = ActivationCapture(layer.module for layer in self.layers)
+        self.capture.attach()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise RuntimeError(f"LowRankKFACCallback supports exactly one optimizer, the run has {len(trainer.optimizers)}.")
+        for layer in self.layers:
+            layer.build_factors(self.rank, self.oversampling, self.dense_threshold, self.isotropic_tail, self.generator, self.factor_dtype)
+        device = self.layers[0].weight.device
+        self.skipped_updates = torch.zeros((), dtype=torch.int64, device=device)
+        if self._pending_state is not None:
+            self._restore(self._pending_state)
+            self._pending_state = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.capture is not None:
+            self.capture.detach()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.capture.enabled = self.factor_update_due(trainer.global_step)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.capture.enabled:
+            return
+        grad_scale = self._grad_scale(trainer)
+        for layer in self.layers:
+            inputs, grads = self.capture.pop(layer.module)
+            if not inputs or not grads:
+                continue
+            a_factor, b_factor = layer.factors
+            a_rows = torch.cat([layer.input_rows(x) for x in inputs])
+            a_factor.accumulate(a_rows, 1.0 / a_rows.shape[0])
+            samples = sum(layer.num_samples(g) for g in grads)
+            multiplier = grad_scale * (samples / len(grads) if self.loss_reduction == "mean" else 1.0)
+            b_rows = torch.cat([layer.output_grad_rows(g) for g in grads]).to(self.factor_dtype) * multiplier
+            b_factor.accumulate(b_rows, 1.0 / samples)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        started = time.perf_counter()
+        step = trainer.global_step
+        if self.factor_update_due(step):
+            self.fold_statistics()
+        if step % self.basis_update_interval == 0 or not all(f.refreshed for layer in self.layers for f in layer.factors):
+            self.refresh_bases()
+        applied = step >= self.warmup_steps and all(f.refreshed for layer in self.layers for f in layer.factors)
+        if applied:
+            self.precondition(learning_rate=optimizer.param_groups[0]["lr"])
+        if self.log_stats:
+            self._log(pl_module, applied, time.perf_counter() - started)
+
+    # -- the steps ------------------------------------------------------------------------
+    def factor_update_due(self, step: int) -> bool:
+        return step % self.factor_update_interval == 0
+
+    def fold_statistics(self) -> None:
+        """EMA-fold each layer's pending statistics; a layer with non-finite ones is skipped and counted."""
+        for layer in self.layers:
+            a_factor, b_factor = layer.factors
+            if a_factor.pending_count == 0 or b_factor.pending_count == 0:
+                continue
+            pending = a_factor.pending_tensors() + b_factor.pending_tensors()
+            valid = torch.stack([torch.isfinite(t).all() for t in pending]).all()
+            self.skipped_updates += (~valid).to(self.skipped_updates.dtype)
+            a_factor.fold(self.factor_decay, valid)
+            b_factor.fold(self.factor_decay, valid)
+
+    def refresh_bases(self) -> None:
+        for layer in self.layers:
+            for factor in layer.factors:
+                if factor.initialized:
+                    factor.refresh()
+
+    def precondition(self, learning_rate: float) -> None:
+        """Replace each handled gradient by (B + δ_B)⁻¹ G (A + δ_A)⁻¹, then apply the optional KL clip."""
+        results: list[tuple[KFACLayer, Tensor, Tensor | None]] = []
+        vg_sum = None
+        for layer in self.layers:
+            grad = layer.grad_matrix()
+            if grad is None:
+                continue
+            a_factor, b_factor = layer.factors
+            damping_a, damping_b = pi_damping(self.damping, a_factor.trace, a_factor.dim, b_factor.trace, b_factor.dim)
+            grad32 = grad.to(self.factor_dtype)
+            natural = b_factor.inverse_left(a_factor.inverse_right(grad32, damping_a), damping_b)
+            bias = layer.separate_bias_grad()
+            natural_bias = None if bias is None else b_factor.inverse_left(bias.to(self.factor_dtype), damping_b)
+            if self.kl_clip is not None:
+                product = (natural * grad32).sum()
+                if natural_bias is not None:
+                    product = product + (natural_bias * bias.to(self.factor_dtype)).sum()
+                vg_sum = product if vg_sum is None else vg_sum + product
+            results.append((layer, natural, natural_bias))
+        scale = None if vg_sum is None else kl_clip_scale(self.kl_clip, learning_rate, vg_sum)
+        for layer, natural, natural_bias in results:
+            if scale is not None:
+                natural = natural * scale
+                natural_bias = None if natural_bias is None else natural_bias * scale
+            layer.write_grads(natural, natural_bias)
+
+    # -- helpers --------------------------------------------------------------------------
+    def _grad_scale(self, trainer: pl.Trainer) -> float | Tensor:
+        """Undo Lightning's division of the loss by accumulate_grad_batches and AMP's loss scale."""
+        scale: float | Tensor = float(trainer.accumulate_grad_batches) if self.loss_reduction == "mean" else 1.0
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            loss_scale = getattr(scaler, "_scale", None)
+            scale = scale / (loss_scale.to(self.factor_dtype) if isinstance(loss_scale, Tensor) else scaler.get_scale())
+        return scale
+
+    def _log(self, pl_module: pl.LightningModule, applied: bool, seconds: float) -> None:
+        a_share = torch.stack([layer.a_factor.captured_trace() for layer in self.layers]).mean()
+        repairs = sum((getattr(layer.b_factor, "repairs", None) for layer in self.layers if hasattr(layer.b_factor, "repairs")), torch.zeros((), dtype=torch.int64, device=a_share.device))
+        metrics = {
+            "lrkfac/damping": self.damping,
+            "lrkfac/captured_trace_A": a_share,
+            "lrkfac/spd_repairs": repairs.float(),
+            "lrkfac/skipped_updates": self.skipped_updates.float(),
+            "lrkfac/preconditioned": float(applied),
+            "lrkfac/curvature_ms": 1e3 * seconds,
+        }
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    # -- checkpointing -------------------------------------------------------------------
+    def _options_signature(self) -> dict[str, Any]:
+        return {"rank": self.rank, "oversampling": self.oversampling, "bias_mode": self.bias_mode, "dense_threshold": self.dense_threshold, "factor_dtype": str(self.factor_dtype)}
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.layers or self.layers[0].a_factor is None:
+            return {}
+        return {
+            "version": STATE_VERSION,
+            "options": self._options_signature(),
+            "layers": {layer.name: {"in_dim": layer.in_dim, "out_dim": layer.out_dim, "A": layer.a_factor.state_dict(), "B": layer.b_factor.state_dict()} for layer in self.layers},
+            "generator": self.generator.get_state(),
+            "skipped_updates": self.skipped_updates.detach().clone(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.layers and self.layers[0].a_factor is not None:
+            self._restore(state_dict)
+        else:
+            self._pending_state = state_dict
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        saved_options, current = state["options"], self._options_signature()
+        if saved_options != current:
+            raise ValueError(f"LowRankKFACCallback: the checkpoint was saved with options {saved_options}, this callback has {current}; they must match to resume.")
+        saved_layers = state["layers"]
+        expected = {layer.name: (layer.in_dim, layer.out_dim) for layer in self.layers}
+        found = {name: (entry["in_dim"], entry["out_dim"]) for name, entry in saved_layers.items()}
+        if expected != found:
+            raise ValueError(f"LowRankKFACCallback: the checkpoint's layers (name: (in, out)) {found} do not match the model's {expected}.")
+        for layer in self.layers:
+            layer.a_factor.load_state_dict(saved_layers[layer.name]["A"])
+            layer.b_factor.load_state_dict(saved_layers[layer.name]["B"])
+        self.generator.set_state(state["generator"])
+        self.skipped_updates.copy_(state["skipped_updates"])

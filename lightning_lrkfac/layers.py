@@ -1,0 +1,113 @@
+"""Per-layer K-FAC bookkeeping: how a Linear or Conv2d turns inputs, output gradients and
+parameter gradients into the matrices that the factors and the preconditioner use."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .lowrank import DenseFactor, DiagPlusLowRankFactor, KroneckerFactor, LowRankFactor
+
+BIAS_MODES = ("augment", "separate")
+
+
+class KFACLayer:
+    """One preconditioned module: its two factors and its gradient as an out × in' matrix.
+
+    ``bias_mode="augment"`` appends a column of ones to the inputs, so weight and bias share
+    one Kronecker block (Martens & Grosse 2015, kfac-pytorch). ``"separate"`` gives the bias
+    its own block B⁻¹ g_b, the convention of asdl.
+    """
+
+    def __init__(self, name: str, module: nn.Module, bias_mode: str) -> None:
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"KFACLayer handles nn.Linear and nn.Conv2d, got {type(module).__name__}")
+        self.name = name
+        self.module = module
+        self.has_bias = module.bias is not None and module.bias.requires_grad
+        self.augment = self.has_bias and bias_mode == "augment"
+        self.out_dim = module.weight.shape[0]
+        self.in_dim = module.weight[0].numel() + int(self.augment)
+        self.a_factor: KroneckerFactor | None = None
+        self.b_factor: KroneckerFactor | None = None
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    # -- factors --------------------------------------------------------------------
+    def build_factors(self, rank: int, oversampling: int, dense_threshold: int, isotropic_tail: bool, generator: torch.Generator, dtype: torch.dtype) -> None:
+        """Create A (inputs) and B (output gradients): dense when rank ≥ d or d ≤ dense_threshold."""
+        device = self.weight.device
+
+        def is_dense(dim: int) -> bool:
+            return rank >= dim or dim <= dense_threshold
+
+        a_dim, b_dim = self.in_dim, self.out_dim
+        self.a_factor = DenseFactor(a_dim, device, dtype) if is_dense(a_dim) else LowRankFactor(a_dim, rank, oversampling, generator, device, dtype, isotropic_tail)
+        self.b_factor = DenseFactor(b_dim, device, dtype) if is_dense(b_dim) else DiagPlusLowRankFactor(b_dim, rank, oversampling, generator, device, dtype)
+
+    @property
+    def factors(self) -> tuple[KroneckerFactor, KroneckerFactor]:
+        assert self.a_factor is not None and self.b_factor is not None, "build_factors() first"
+        return self.a_factor, self.b_factor
+
+    # -- rows of the statistics -------------------------------------------------------
+    def input_rows(self, inputs: Tensor) -> Tensor:
+        """Layer inputs as rows (samples × in'): Conv2d via im2col, one row per output location."""
+        module = self.module
+        if isinstance(module, nn.Conv2d):
+            padding = module.padding
+            if isinstance(padding, str) or module.padding_mode != "zeros":
+                mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+                inputs = F.pad(inputs, module._reversed_padding_repeated_twice, mode=mode)
+                padding = 0
+            patches = F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        else:
+            rows = inputs.reshape(-1, inputs.shape[-1])
+        if self.augment:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return rows
+
+    def output_grad_rows(self, grads: Tensor) -> Tensor:
+        """Gradients w.r.t. the layer output as rows (locations × out)."""
+        if isinstance(self.module, nn.Conv2d):
+            return grads.movedim(1, -1).reshape(-1, grads.shape[1])
+        return grads.reshape(-1, grads.shape[-1])
+
+    def num_samples(self, grads: Tensor) -> int:
+        """Examples a mean-reduced loss averages over: the batch for Conv2d, every position for Linear."""
+        if isinstance(self.module, nn.Conv2d):
+            return grads.shape[0]
+        return grads.numel() // grads.shape[-1]
+
+    # -- gradients ----------------------------------------------------------------------
+    def grad_matrix(self) -> Tensor | None:
+        """∂L/∂W as an out × in' matrix (bias column appended when augmented); None if no grad."""
+        weight_grad = self.weight.grad
+        if weight_grad is None:
+            return None
+        matrix = weight_grad.reshape(self.out_dim, -1)
+        if self.augment:
+            bias_grad = self.module.bias.grad
+            if bias_grad is None:
+                bias_grad = torch.zeros(self.out_dim, device=matrix.device, dtype=matrix.dtype)
+            matrix = torch.cat([matrix, bias_grad[:, None]], dim=1)
+        return matrix
+
+    def separate_bias_grad(self) -> Tensor | None:
+        """The bias gradient as an out × 1 matrix when it has its own block, else None."""
+        if not self.has_bias or self.augment or self.module.bias.grad is None:
+            return None
+        return self.module.bias.grad[:, None]
+
+    def write_grads(self, matrix: Tensor, bias_column: Tensor | None) -> None:
+        """Copy a preconditioned gradient matrix (and separate bias column) back into .grad."""
+        weight_part = matrix[:, : self.in_dim - int(self.augment)]
+        self.weight.grad.copy_(weight_part.reshape_as(self.weight.grad))
+        if self.augment and self.module.bias.grad is not None:
+            self.module.bias.grad.copy_(matrix[:, -1])
+        elif bias_column is not None:
+            self.module.bias.grad.copy_(bias_column[:, 0])

@@ -1,0 +1,41 @@
+"""Small dense linear-algebra kernels for the low-rank path: all O(d·m²) or O(m³)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def random_orthonormal(dim: int, cols: int, generator: torch.Generator, device, dtype) -> Tensor:
+    """A dim×cols matrix with orthonormal columns, drawn on the CPU generator for reproducibility."""
+    gaussian = torch.randn(dim, cols, generator=generator, dtype=torch.float64)
+    return torch.linalg.qr(gaussian)[0].to(device=device, dtype=dtype)
+
+
+def nystrom_eigh(test: Tensor, sketch: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of the Nyström approximation S ≈ Y (VᵀY)⁺ Yᵀ of a PSD matrix S.
+
+    ``test`` is V (d×m, orthonormal columns) and ``sketch`` is Y = S·V. This is the
+    numerically stable single-pass form of Tropp et al. (2017): shift by ν, take a
+    symmetric square root of the m×m core, QR + small SVD. Returns (U, θ) with U d×m
+    orthonormal and θ ≥ 0 sorted in descending order. Never forms a d×d matrix.
+    """
+    tiny = torch.finfo(sketch.dtype).tiny ** 0.5
+    nu = torch.finfo(sketch.dtype).eps * torch.linalg.matrix_norm(sketch) + tiny
+    shifted = sketch + nu * test
+    core = test.mT @ shifted
+    core = 0.5 * (core + core.mT)
+    core_vals, core_vecs = torch.linalg.eigh(core)
+    core_vals = core_vals.clamp_min(nu)
+    factor = shifted @ (core_vecs * core_vals.rsqrt())  # F with F Fᵀ = Y_ν core⁻¹ Y_νᵀ
+    q, r = torch.linalg.qr(factor)
+    small_u, singular, _ = torch.linalg.svd(r)
+    vectors = q @ small_u
+    values = (singular.square() - nu).clamp_min(0.0)
+    return vectors, values
+
+
+def symmetric_eigh_desc(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of a symmetric matrix with eigenvalues in descending order."""
+    values, vectors = torch.linalg.eigh(0.5 * (matrix + matrix.mT))
+    return values.flip(-1), vectors.flip(-1)

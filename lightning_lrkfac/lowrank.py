@@ -1,0 +1,234 @@
+"""Streaming Kronecker factors: a running average kept dense (exact mode) or as a sketch.
+
+Every factor follows the same cycle. ``accumulate`` adds one micro-batch's statistics to
+a pending sum; ``fold`` turns the pending mean into one step of the exponential moving
+average (EMA); ``refresh`` recomputes the eigen-approximation used to precondition.
+
+The low-rank factors never hold a d×d matrix. They keep a test matrix V (d×m, m = rank
++ oversampling, orthonormal) and the sketch Y = F·V of the running average F. The
+sketch is linear in F, so micro-batches, EMA steps and data-parallel ranks combine by
+plain sums of O(m·d) numbers. A refresh is one step of warm-started block subspace
+iteration: a single-pass Nyström approximation from (V, Y) gives eigenpairs in
+span(F·V); they become the next test matrix, and the Nyström approximation of F is
+carried over as the memory of the running average.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from .linalg import nystrom_eigh, random_orthonormal, symmetric_eigh_desc
+from .preconditioner import DiagPlusLowRankInverse, eig_inverse_left, eig_inverse_right
+
+
+class KroneckerFactor(ABC):
+    """One EMA Kronecker factor (A or B) of one layer."""
+
+    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.dim = dim
+        self.device = device
+        self.dtype = dtype
+        self.trace = torch.zeros((), device=device, dtype=dtype)
+        self.pending_trace = torch.zeros((), device=device, dtype=dtype)
+        self.pending_count = 0
+        self.initialized = False
+        self.refreshed = False
+
+    # -- statistics -----------------------------------------------------------------
+    def accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
+        """Add weight · rowsᵀrows (one micro-batch's estimate of the factor) to the pending sum."""
+        rows = rows.to(self.dtype)
+        self.pending_trace += weight * rows.square().sum()
+        self._accumulate(rows, weight)
+        self.pending_count += 1
+
+    def pending_tensors(self) -> list[Tensor]:
+        """Tensors summed over micro-batches, in a fixed order (for all-reduce and checks)."""
+        return [self.pending_trace, *self._pending()]
+
+    def fold(self, decay: float, valid: Tensor, count: int | None = None) -> None:
+        """F ← ρF + (1−ρ)·mean(pending) where ``valid``, else F unchanged; then clear pending.
+
+        ``count`` is the number of micro-batch estimates the pending sums hold (after a
+        data-parallel sum it is the global count). The first fold takes the mean as is.
+        """
+        count = self.pending_count if count is None else count
+        if count == 0:
+            return
+        rho = decay if self.initialized else 0.0
+        for state, pending in zip(self.state_tensors(), self.pending_tensors()):
+            updated = state * rho + pending * ((1.0 - rho) / count)
+            state.copy_(torch.where(valid, updated, state))
+            pending.zero_()
+        self.pending_count = 0
+        self.initialized = True
+
+    def state_tensors(self) -> list[Tensor]:
+        """EMA state, paired one to one with :meth:`pending_tensors`."""
+        return [self.trace, *self._state()]
+
+    @abstractmethod
+    def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None: ...
+
+    @abstractmethod
+    def _pending(self) -> list[Tensor]: ...
+
+    @abstractmethod
+    def _state(self) -> list[Tensor]: ...
+
+    @abstractmethod
+    def refresh(self) -> None:
+        """Recompute the eigen-approximation from the current running average."""
+
+    @abstractmethod
+    def captured_trace(self) -> Tensor:
+        """Share of tr F that the kept eigenpairs represent (1 in exact mode)."""
+
+    def inverse_right(self, matrix: Tensor, damping: Tensor) -> Tensor:
+        """X ↦ X (F̃ + δI)⁻¹ with F̃ the factor's current approximation."""
+        return eig_inverse_right(matrix, self.eigenvectors, self.eigenvalues, damping, getattr(self, "tail", None))
+
+    def inverse_left(self, matrix: Tensor, damping: Tensor) -> Tensor:
+        """X ↦ (F̃ + δI)⁻¹ X."""
+        return eig_inverse_left(matrix, self.eigenvectors, self.eigenvalues, damping, getattr(self, "tail", None))
+
+    # -- checkpointing ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, object]:
+        tensors = {name: value.detach().clone() for name, value in vars(self).items() if isinstance(value, Tensor)}
+        return {"kind": type(self).__name__, "dim": self.dim, "initialized": self.initialized, "refreshed": self.refreshed, "tensors": tensors}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        for name, value in state["tensors"].items():
+            current = getattr(self, name, None)
+            if isinstance(current, Tensor) and current.shape == value.shape:
+                current.copy_(value)
+            else:
+                setattr(self, name, value.to(device=self.device, dtype=self.dtype))
+        self.initialized = bool(state["initialized"])
+        self.refreshed = bool(state["refreshed"])
+
+
+class DenseFactor(KroneckerFactor):
+    """Exact mode: the d×d running average itself, eigendecomposed at each refresh."""
+
+    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(dim, device, dtype)
+        self.matrix = torch.zeros(dim, dim, device=device, dtype=dtype)
+        self.pending_matrix = torch.zeros_like(self.matrix)
+        self.eigenvectors = torch.eye(dim, device=device, dtype=dtype)
+        self.eigenvalues = torch.zeros(dim, device=device, dtype=dtype)
+
+    def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
+        self.pending_matrix.add_(weight * (rows.mT @ rows))
+
+    def _pending(self) -> list[Tensor]:
+        return [self.pending_matrix]
+
+    def _state(self) -> list[Tensor]:
+        return [self.matrix]
+
+    def refresh(self) -> None:
+        values, vectors = symmetric_eigh_desc(self.matrix)
+        self.eigenvalues, self.eigenvectors = values.clamp_min(0.0), vectors
+        self.refreshed = True
+
+    def captured_trace(self) -> Tensor:
+        return torch.ones((), device=self.device, dtype=self.dtype)
+
+
+class SketchedFactor(KroneckerFactor):
+    """Shared sketch machinery of the two low-rank factors: V, Y = F·V and their pending sum."""
+
+    def __init__(self, dim: int, rank: int, oversampling: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(dim, device, dtype)
+        self.rank = rank
+        width = min(rank + oversampling, dim)
+        self.test = random_orthonormal(dim, width, generator, device, dtype)
+        self.sketch = torch.zeros(dim, width, device=device, dtype=dtype)
+        self.pending_sketch = torch.zeros_like(self.sketch)
+
+    def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
+        self.pending_sketch.add_(weight * (rows.mT @ (rows @ self.test)))
+
+    def _pending(self) -> list[Tensor]:
+        return [self.pending_sketch]
+
+    def _state(self) -> list[Tensor]:
+        return [self.sketch]
+
+
+class LowRankFactor(SketchedFactor):
+    """A ≈ U Λ Uᵀ (top-k eigenpairs), optionally + σ(I − UUᵀ) for the dropped tail of the trace."""
+
+    def __init__(self, dim: int, rank: int, oversampling: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype, isotropic_tail: bool = False) -> None:
+        super().__init__(dim, rank, oversampling, generator, device, dtype)
+        self.isotropic_tail = isotropic_tail
+        self.eigenvectors = self.test[:, :rank].clone()
+        self.eigenvalues = torch.zeros(rank, device=device, dtype=dtype)
+        self.tail = torch.zeros((), device=device, dtype=dtype)
+
+    def refresh(self) -> None:
+        vectors, values = nystrom_eigh(self.test, self.sketch)
+        self.eigenvectors, self.eigenvalues = vectors[:, : self.rank].clone(), values[: self.rank].clone()
+        if self.isotropic_tail:
+            remaining = (self.trace - self.eigenvalues.sum()).clamp_min(0.0)
+            self.tail = remaining / (self.dim - self.rank)
+        self.test, self.sketch = vectors, vectors * values
+        self.refreshed = True
+
+    def captured_trace(self) -> Tensor:
+        return self.eigenvalues.sum() / self.trace.clamp_min(torch.finfo(self.dtype).tiny)
+
+
+class DiagPlusLowRankFactor(SketchedFactor):
+    """B ≈ rank_k(B − diag B) + diag B, the diagonal kept exactly.
+
+    The iteration runs on the PSD matrix S = B − diag B + σI with σ = max diag B
+    (B ⪰ 0 gives λ_min(B − diag B) ≥ −σ), so it converges to the algebraically largest
+    eigenpairs of B − diag B, the ones that keep the damped approximation SPD; the
+    k×k guard in :class:`~.preconditioner.DiagPlusLowRankInverse` catches the rest.
+    """
+
+    def __init__(self, dim: int, rank: int, oversampling: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(dim, rank, oversampling, generator, device, dtype)
+        self.diag = torch.zeros(dim, device=device, dtype=dtype)
+        self.pending_diag = torch.zeros_like(self.diag)
+        self.eigenvectors = self.test[:, :rank].clone()
+        self.eigenvalues = torch.zeros(rank, device=device, dtype=dtype)
+        self.repairs = torch.zeros((), device=device, dtype=torch.int64)
+
+    def inverse_left(self, matrix: Tensor, damping: Tensor) -> Tensor:
+        """(diag B + δI + V M Vᵀ)⁻¹ X by Woodbury, SPD-guarded; repairs are counted."""
+        inverse = DiagPlusLowRankInverse.build(self.diag, self.eigenvectors, self.eigenvalues, damping)
+        self.repairs += inverse.repaired
+        return inverse.apply_left(matrix)
+
+    def inverse_right(self, matrix: Tensor, damping: Tensor) -> Tensor:
+        return self.inverse_left(matrix.mT, damping).mT
+
+    def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
+        super()._accumulate(rows, weight)
+        self.pending_diag.add_(weight * rows.square().sum(0))
+
+    def _pending(self) -> list[Tensor]:
+        return [self.pending_sketch, self.pending_diag]
+
+    def _state(self) -> list[Tensor]:
+        return [self.sketch, self.diag]
+
+    def refresh(self) -> None:
+        shift = self.diag.max().clamp_min(0.0)
+        shifted_sketch = self.sketch - self.diag[:, None] * self.test + shift * self.test
+        vectors, values = nystrom_eigh(self.test, shifted_sketch)
+        offdiag_values = values - shift
+        self.eigenvectors, self.eigenvalues = vectors[:, : self.rank].clone(), offdiag_values[: self.rank].clone()
+        self.test = vectors
+        self.sketch = vectors * offdiag_values + self.diag[:, None] * vectors
+        self.refreshed = True
+
+    def captured_trace(self) -> Tensor:
+        """Σ|m_i| / tr B: weight of the kept off-diagonal part relative to the whole trace."""
+        return self.eigenvalues.abs().sum() / self.trace.clamp_min(torch.finfo(self.dtype).tiny)

@@ -1,0 +1,93 @@
+"""Damping and the inverses of the damped factor approximations, applied as operators.
+
+Nothing here forms a d×d matrix unless it is handed a dense eigenbasis (exact mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Lower bound on a damping value, as in asdl: keeps 1/(λ+δ) finite for an all-zero factor.
+MIN_DAMPING = 1e-7
+
+
+def pi_damping(damping: float, trace_a: Tensor, dim_a: int, trace_b: Tensor, dim_b: int) -> tuple[Tensor, Tensor]:
+    """Factored Tikhonov damping (Martens & Grosse 2015, §6.3): δ_A = π√λ, δ_B = √λ/π.
+
+    π = sqrt((tr A / d_A) / (tr B / d_B)); where a trace is zero or not finite π falls
+    back to 1. Branch-free: no host synchronisation.
+    """
+    ratio = (trace_a / dim_a) / (trace_b / dim_b)
+    usable = torch.isfinite(ratio) & (ratio > 0)
+    pi = torch.where(usable, ratio, torch.ones_like(ratio)).sqrt()
+    root = damping**0.5
+    return (root * pi).clamp_min(MIN_DAMPING), (root / pi).clamp_min(MIN_DAMPING)
+
+
+def eig_inverse_right(matrix: Tensor, vectors: Tensor, values: Tensor, damping: Tensor, tail: Tensor | None = None) -> Tensor:
+    """X ↦ X (U diag(λ) Uᵀ + σ(I − UUᵀ) + δI)⁻¹ for U with orthonormal columns.
+
+    With a square U (exact mode) the tail term is absent. Costs O(rows·d·k).
+    """
+    projected = matrix @ vectors
+    if vectors.shape[0] == vectors.shape[1]:
+        return (projected / (values + damping)) @ vectors.mT
+    tail_value = torch.zeros_like(damping) if tail is None else tail
+    tail_inverse = 1.0 / (tail_value + damping)
+    correction = projected * (1.0 / (values + damping) - tail_inverse)
+    return matrix * tail_inverse + correction @ vectors.mT
+
+
+def eig_inverse_left(matrix: Tensor, vectors: Tensor, values: Tensor, damping: Tensor, tail: Tensor | None = None) -> Tensor:
+    """X ↦ (U diag(λ) Uᵀ + σ(I − UUᵀ) + δI)⁻¹ X, the symmetric twin of :func:`eig_inverse_right`."""
+    return eig_inverse_right(matrix.mT, vectors, values, damping, tail).mT
+
+
+@dataclass
+class DiagPlusLowRankInverse:
+    """(D + δI + V M Vᵀ)⁻¹ by Woodbury, guarded to stay symmetric positive definite.
+
+    With E = D + δ and W = Vᵀ E⁻¹ V, the approximation is SPD iff every eigenvalue ω of
+    the k×k matrix I + W^½ M W^½ is positive (it is the approximation whitened by E,
+    restricted to span(E^-½ V)). Eigenvalues below δ / max(E), a bound that the true
+    damped factor always satisfies, are raised to it and counted in ``repaired``.
+    Then (…)⁻¹ X = E⁻¹X − E⁻¹V K Vᵀ E⁻¹ X with K = W^-½ (I − Z Ω⁻¹ Zᵀ) W^-½.
+    """
+
+    scaled_basis: Tensor  # E⁻¹ V, d×k
+    core: Tensor  # K, k×k
+    inverse_diag: Tensor  # E⁻¹, d
+    repaired: Tensor  # number of whitened eigenvalues that were raised (0-dim)
+
+    @classmethod
+    def build(cls, diag: Tensor, basis: Tensor, coefficients: Tensor, damping: Tensor) -> DiagPlusLowRankInverse:
+        shifted = diag.clamp_min(0.0) + damping
+        inverse_diag = 1.0 / shifted
+        scaled_basis = basis * inverse_diag[:, None]
+        gram = basis.mT @ scaled_basis
+        gram_values, gram_vectors = torch.linalg.eigh(0.5 * (gram + gram.mT))
+        gram_values = gram_values.clamp_min(torch.finfo(gram.dtype).tiny)
+        root = (gram_vectors * gram_values.sqrt()) @ gram_vectors.mT
+        inverse_root = (gram_vectors * gram_values.rsqrt()) @ gram_vectors.mT
+        identity = torch.eye(basis.shape[1], dtype=basis.dtype, device=basis.device)
+        whitened = identity + root @ (coefficients[:, None] * root)
+        omega, z = torch.linalg.eigh(0.5 * (whitened + whitened.mT))
+        floor = damping / shifted.max()
+        repaired = (omega < floor).sum()
+        omega = torch.maximum(omega, floor)
+        core = inverse_root @ (identity - (z / omega) @ z.mT) @ inverse_root
+        return cls(scaled_basis, core, inverse_diag, repaired)
+
+    def apply_left(self, matrix: Tensor) -> Tensor:
+        """(D + δI + V M Vᵀ)⁻¹ X for X with d rows; O(d·cols·k)."""
+        return matrix * self.inverse_diag[:, None] - self.scaled_basis @ (self.core @ (self.scaled_basis.mT @ matrix))
+
+
+def kl_clip_scale(kl_clip: float, learning_rate: float, vg_sum: Tensor) -> Tensor:
+    """Ba et al. (2017): ν = min(1, sqrt(κ / (η² Σ⟨P, G⟩))); 1 when the product is not positive."""
+    budget = learning_rate**2 * vg_sum
+    scale = torch.sqrt(kl_clip / budget.clamp_min(torch.finfo(vg_sum.dtype).tiny))
+    return torch.where(budget > 0, scale.clamp_max(1.0), torch.ones_like(scale))

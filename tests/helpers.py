@@ -1,0 +1,41 @@
+"""Drive the callback's hooks for one optimizer step without a Trainer (for exact comparisons)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+
+class _Module(torch.nn.Module):
+    """Wraps a plain model in what the callback's setup() inspects."""
+
+    automatic_optimization = True
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+
+def fake_trainer(global_step: int = 0, accumulate: int = 1) -> SimpleNamespace:
+    return SimpleNamespace(global_step=global_step, accumulate_grad_batches=accumulate, precision_plugin=SimpleNamespace(), optimizers=[object()])
+
+
+def run_one_step(callback, model, x, y, loss_fn=F.cross_entropy):
+    """Gradients after one forward/backward, preconditioned by ``callback`` if given."""
+    model.zero_grad()
+    if callback is None:
+        loss_fn(model(x), y).backward()
+        return [p.grad.detach().clone() for p in model.parameters()]
+    wrapper = _Module(model)
+    trainer = fake_trainer()
+    callback.setup(trainer, wrapper, "fit")
+    callback.on_fit_start(trainer, wrapper)
+    callback.on_train_batch_start(trainer, wrapper, None, 0)
+    loss_fn(model(x), y).backward()
+    callback.on_after_backward(trainer, wrapper)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    callback.on_before_optimizer_step(trainer, wrapper, optimizer)
+    callback.teardown(trainer, wrapper, "fit")
+    return [p.grad.detach().clone() for p in model.parameters()]
