@@ -37,7 +37,8 @@ class LowRankKFACCallback(Callback):
         basis_update_interval: refresh the low-rank bases (and dense eigendecompositions)
             every this many optimizer steps.
         warmup_steps: optimizer steps that only collect statistics before preconditioning.
-        kl_clip: if set, rescale the step so that η² Σ⟨P, G⟩ ≤ kl_clip (Ba et al. 2017).
+        kl_clip: rescale the step so that η² Σ⟨P, G⟩ ≤ kl_clip (Ba et al. 2017); ``None`` disables.
+            The default, as in kfac-pytorch, keeps early steps from diverging.
         isotropic_tail: give A's dropped spectrum back as σ(I − UUᵀ), σ = mean tail eigenvalue.
         bias_mode: ``"augment"`` (bias as an extra input column, one block) or
             ``"separate"`` (bias gets B⁻¹ g_b, asdl's convention).
@@ -60,7 +61,7 @@ class LowRankKFACCallback(Callback):
         factor_update_interval: int = 1,
         basis_update_interval: int = 10,
         warmup_steps: int = 0,
-        kl_clip: float | None = None,
+        kl_clip: float | None = 1e-3,
         isotropic_tail: bool = False,
         bias_mode: str = "augment",
         dense_threshold: int = 0,

@@ -20,22 +20,32 @@ def nystrom_eigh(test: Tensor, sketch: Tensor) -> tuple[Tensor, Tensor]:
     symmetric square root of the m×m core, QR + small SVD. Returns (U, θ) with U d×m
     orthonormal and θ ≥ 0 sorted in descending order. Never forms a d×d matrix.
     """
-    tiny = torch.finfo(sketch.dtype).tiny ** 0.5
-    nu = torch.finfo(sketch.dtype).eps * torch.linalg.matrix_norm(sketch) + tiny
+    sketch = torch.nan_to_num(sketch, nan=0.0, posinf=0.0, neginf=0.0)
+    scale = torch.linalg.matrix_norm(sketch).clamp_min(torch.finfo(sketch.dtype).tiny)
+    sketch = sketch / scale  # the decomposition is scale-free; this keeps squares in range
+    nu = torch.finfo(sketch.dtype).eps * 4.0
     shifted = sketch + nu * test
-    core = test.mT @ shifted
-    core = 0.5 * (core + core.mT)
-    core_vals, core_vecs = torch.linalg.eigh(core)
+    core_vals, core_vecs = safe_eigh(test.mT @ shifted)
     core_vals = core_vals.clamp_min(nu)
     factor = shifted @ (core_vecs * core_vals.rsqrt())  # F with F Fᵀ = Y_ν core⁻¹ Y_νᵀ
     q, r = torch.linalg.qr(factor)
     small_u, singular, _ = torch.linalg.svd(r)
     vectors = q @ small_u
-    values = (singular.square() - nu).clamp_min(0.0)
+    values = (singular.square() - nu).clamp_min(0.0) * scale
     return vectors, values
+
+
+def safe_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition (ascending) of the symmetric part of ``matrix``.
+
+    Non-finite entries are zeroed first: a diverging run then yields garbage that the
+    validity checks discard, instead of a LinAlgError deep inside a training step.
+    """
+    symmetric = torch.nan_to_num(0.5 * (matrix + matrix.mT), nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.linalg.eigh(symmetric)
 
 
 def symmetric_eigh_desc(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a symmetric matrix with eigenvalues in descending order."""
-    values, vectors = torch.linalg.eigh(0.5 * (matrix + matrix.mT))
+    values, vectors = safe_eigh(matrix)
     return values.flip(-1), vectors.flip(-1)

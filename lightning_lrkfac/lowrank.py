@@ -59,9 +59,11 @@ class KroneckerFactor(ABC):
         if count == 0:
             return
         rho = decay if self.initialized else 0.0
-        for state, pending in zip(self.state_tensors(), self.pending_tensors()):
-            updated = state * rho + pending * ((1.0 - rho) / count)
-            state.copy_(torch.where(valid, updated, state))
+        states, pendings = self.state_tensors(), self.pending_tensors()
+        updated = [state * rho + pending * ((1.0 - rho) / count) for state, pending in zip(states, pendings)]
+        valid = valid & torch.stack([torch.isfinite(u).all() for u in updated]).all()
+        for state, pending, new in zip(states, pendings, updated):
+            state.copy_(torch.where(valid, new, state))
             pending.zero_()
         self.pending_count = 0
         self.initialized = True

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .linalg import safe_eigh
+
 #: Lower bound on a damping value, as in asdl: keeps 1/(λ+δ) finite for an all-zero factor.
 MIN_DAMPING = 1e-7
 
@@ -68,13 +70,13 @@ class DiagPlusLowRankInverse:
         inverse_diag = 1.0 / shifted
         scaled_basis = basis * inverse_diag[:, None]
         gram = basis.mT @ scaled_basis
-        gram_values, gram_vectors = torch.linalg.eigh(0.5 * (gram + gram.mT))
+        gram_values, gram_vectors = safe_eigh(gram)
         gram_values = gram_values.clamp_min(torch.finfo(gram.dtype).tiny)
         root = (gram_vectors * gram_values.sqrt()) @ gram_vectors.mT
         inverse_root = (gram_vectors * gram_values.rsqrt()) @ gram_vectors.mT
         identity = torch.eye(basis.shape[1], dtype=basis.dtype, device=basis.device)
         whitened = identity + root @ (coefficients[:, None] * root)
-        omega, z = torch.linalg.eigh(0.5 * (whitened + whitened.mT))
+        omega, z = safe_eigh(whitened)
         floor = damping / shifted.max()
         repaired = (omega < floor).sum()
         omega = torch.maximum(omega, floor)
