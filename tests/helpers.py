@@ -22,8 +22,12 @@ def fake_trainer(global_step: int = 0, accumulate: int = 1) -> SimpleNamespace:
     return SimpleNamespace(global_step=global_step, accumulate_grad_batches=accumulate, precision_plugin=SimpleNamespace(), optimizers=[object()])
 
 
-def run_one_step(callback, model, x, y, loss_fn=F.cross_entropy):
-    """Gradients after one forward/backward, preconditioned by ``callback`` if given."""
+def run_one_step(callback, model, x, y, loss_fn=F.cross_entropy, refreshes: int = 1):
+    """Gradients after one forward/backward, preconditioned by ``callback`` if given.
+
+    ``refreshes`` > 1 folds the same batch that many times first (decay keeps the factor
+    equal to this batch's statistics), so the low-rank bases converge on it.
+    """
     model.zero_grad()
     if callback is None:
         loss_fn(model(x), y).backward()
@@ -32,10 +36,12 @@ def run_one_step(callback, model, x, y, loss_fn=F.cross_entropy):
     trainer = fake_trainer()
     callback.setup(trainer, wrapper, "fit")
     callback.on_fit_start(trainer, wrapper)
-    callback.on_train_batch_start(trainer, wrapper, None, 0)
-    loss_fn(model(x), y).backward()
-    callback.on_after_backward(trainer, wrapper)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    callback.on_before_optimizer_step(trainer, wrapper, optimizer)
+    for _ in range(refreshes):
+        model.zero_grad()
+        callback.on_train_batch_start(trainer, wrapper, None, 0)
+        loss_fn(model(x), y).backward()
+        callback.on_after_backward(trainer, wrapper)
+        callback.on_before_optimizer_step(trainer, wrapper, optimizer)
     callback.teardown(trainer, wrapper, "fit")
     return [p.grad.detach().clone() for p in model.parameters()]
