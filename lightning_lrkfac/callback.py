@@ -77,7 +77,12 @@ class LowRankKFACCallback(Callback):
         opt.positive_int("rank", rank)
         opt.non_negative_int("oversampling", oversampling)
         opt.positive_float("damping", damping)
-        opt.require(isinstance(factor_decay, (int, float)) and 0.0 <= factor_decay < 1.0, "factor_decay", "a number in [0, 1)", factor_decay)
+        opt.require(
+            isinstance(factor_decay, (int, float)) and 0.0 <= factor_decay < 1.0,
+            "factor_decay",
+            "a number in [0, 1)",
+            factor_decay,
+        )
         opt.positive_int("factor_update_interval", factor_update_interval)
         opt.positive_int("basis_update_interval", basis_update_interval)
         opt.non_negative_int("warmup_steps", warmup_steps)
@@ -140,7 +145,9 @@ class LowRankKFACCallback(Callback):
         if stage != "fit":
             return
         if not pl_module.automatic_optimization:
-            raise RuntimeError("LowRankKFACCallback needs automatic optimization (`automatic_optimization = True`): it preconditions in `on_before_optimizer_step`, which manual optimization bypasses.")
+            raise RuntimeError(
+                "LowRankKFACCallback needs automatic optimization (`automatic_optimization = True`): it preconditions in `on_before_optimizer_step`, which manual optimization bypasses."
+            )
         self.layers = self.select_layers(pl_module)
         if not self.layers:
             raise ValueError(
@@ -152,9 +159,18 @@ class LowRankKFACCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
-            raise RuntimeError(f"LowRankKFACCallback supports exactly one optimizer, the run has {len(trainer.optimizers)}.")
+            raise RuntimeError(
+                f"LowRankKFACCallback supports exactly one optimizer, the run has {len(trainer.optimizers)}."
+            )
         for layer in self.layers:
-            layer.build_factors(self.rank, self.oversampling, self.dense_threshold, self.isotropic_tail, self.generator, self.factor_dtype)
+            layer.build_factors(
+                self.rank,
+                self.oversampling,
+                self.dense_threshold,
+                self.isotropic_tail,
+                self.generator,
+                self.factor_dtype,
+            )
         device = self.layers[0].weight.device
         self.skipped_updates = torch.zeros((), dtype=torch.int64, device=device)
         if self._pending_state is not None:
@@ -165,7 +181,9 @@ class LowRankKFACCallback(Callback):
         if stage == "fit" and self.capture is not None:
             self.capture.detach()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.capture.enabled = self.factor_update_due(trainer.global_step)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -184,12 +202,16 @@ class LowRankKFACCallback(Callback):
             b_rows = torch.cat([layer.output_grad_rows(g) for g in grads]).to(self.factor_dtype) * multiplier
             b_factor.accumulate(b_rows, 1.0 / samples)
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         started = time.perf_counter()
         step = trainer.global_step
         if self.factor_update_due(step):
             self.fold_statistics()
-        if step % self.basis_update_interval == 0 or not all(f.refreshed for layer in self.layers for f in layer.factors):
+        if step % self.basis_update_interval == 0 or not all(
+            f.refreshed for layer in self.layers for f in layer.factors
+        ):
             self.refresh_bases()
         applied = step >= self.warmup_steps and all(f.refreshed for layer in self.layers for f in layer.factors)
         if applied:
@@ -258,7 +280,10 @@ class LowRankKFACCallback(Callback):
 
     def _log(self, pl_module: pl.LightningModule, applied: bool, seconds: float) -> None:
         a_share = torch.stack([layer.a_factor.captured_trace() for layer in self.layers]).mean()
-        repairs = sum((getattr(layer.b_factor, "repairs", None) for layer in self.layers if hasattr(layer.b_factor, "repairs")), torch.zeros((), dtype=torch.int64, device=a_share.device))
+        repairs = sum(
+            (getattr(layer.b_factor, "repairs", None) for layer in self.layers if hasattr(layer.b_factor, "repairs")),
+            torch.zeros((), dtype=torch.int64, device=a_share.device),
+        )
         metrics = {
             "lrkfac/damping": self.damping,
             "lrkfac/captured_trace_A": a_share,
@@ -271,7 +296,13 @@ class LowRankKFACCallback(Callback):
 
     # -- checkpointing -------------------------------------------------------------------
     def _options_signature(self) -> dict[str, Any]:
-        return {"rank": self.rank, "oversampling": self.oversampling, "bias_mode": self.bias_mode, "dense_threshold": self.dense_threshold, "factor_dtype": str(self.factor_dtype)}
+        return {
+            "rank": self.rank,
+            "oversampling": self.oversampling,
+            "bias_mode": self.bias_mode,
+            "dense_threshold": self.dense_threshold,
+            "factor_dtype": str(self.factor_dtype),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         if not self.layers or self.layers[0].a_factor is None:
@@ -279,7 +310,15 @@ class LowRankKFACCallback(Callback):
         return {
             "version": STATE_VERSION,
             "options": self._options_signature(),
-            "layers": {layer.name: {"in_dim": layer.in_dim, "out_dim": layer.out_dim, "A": layer.a_factor.state_dict(), "B": layer.b_factor.state_dict()} for layer in self.layers},
+            "layers": {
+                layer.name: {
+                    "in_dim": layer.in_dim,
+                    "out_dim": layer.out_dim,
+                    "A": layer.a_factor.state_dict(),
+                    "B": layer.b_factor.state_dict(),
+                }
+                for layer in self.layers
+            },
             "generator": self.generator.get_state(),
             "skipped_updates": self.skipped_updates.detach().clone(),
         }
@@ -295,12 +334,16 @@ class LowRankKFACCallback(Callback):
     def _restore(self, state: dict[str, Any]) -> None:
         saved_options, current = state["options"], self._options_signature()
         if saved_options != current:
-            raise ValueError(f"LowRankKFACCallback: the checkpoint was saved with options {saved_options}, this callback has {current}; they must match to resume.")
+            raise ValueError(
+                f"LowRankKFACCallback: the checkpoint was saved with options {saved_options}, this callback has {current}; they must match to resume."
+            )
         saved_layers = state["layers"]
         expected = {layer.name: (layer.in_dim, layer.out_dim) for layer in self.layers}
         found = {name: (entry["in_dim"], entry["out_dim"]) for name, entry in saved_layers.items()}
         if expected != found:
-            raise ValueError(f"LowRankKFACCallback: the checkpoint's layers (name: (in, out)) {found} do not match the model's {expected}.")
+            raise ValueError(
+                f"LowRankKFACCallback: the checkpoint's layers (name: (in, out)) {found} do not match the model's {expected}."
+            )
         for layer in self.layers:
             layer.a_factor.load_state_dict(saved_layers[layer.name]["A"])
             layer.b_factor.load_state_dict(saved_layers[layer.name]["B"])

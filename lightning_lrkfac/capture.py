@@ -42,7 +42,13 @@ class ActivationCapture:
             self.output_grads[module].clear()
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if not (self.enabled and module.training and torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+        if not (
+            self.enabled
+            and module.training
+            and torch.is_grad_enabled()
+            and isinstance(output, Tensor)
+            and output.requires_grad
+        ):
             return
         self.inputs[module].append(args[0].detach())
         grads = self.output_grads[module]

@@ -37,7 +37,15 @@ class KFACLayer:
         return self.module.weight
 
     # -- factors --------------------------------------------------------------------
-    def build_factors(self, rank: int, oversampling: int, dense_threshold: int, isotropic_tail: bool, generator: torch.Generator, dtype: torch.dtype) -> None:
+    def build_factors(
+        self,
+        rank: int,
+        oversampling: int,
+        dense_threshold: int,
+        isotropic_tail: bool,
+        generator: torch.Generator,
+        dtype: torch.dtype,
+    ) -> None:
         """Create A (inputs) and B (output gradients): dense when rank ≥ d or d ≤ dense_threshold."""
         device = self.weight.device
 
@@ -45,8 +53,16 @@ class KFACLayer:
             return rank >= dim or dim <= dense_threshold
 
         a_dim, b_dim = self.in_dim, self.out_dim
-        self.a_factor = DenseFactor(a_dim, device, dtype) if is_dense(a_dim) else LowRankFactor(a_dim, rank, oversampling, generator, device, dtype, isotropic_tail)
-        self.b_factor = DenseFactor(b_dim, device, dtype) if is_dense(b_dim) else DiagPlusLowRankFactor(b_dim, rank, oversampling, generator, device, dtype)
+        self.a_factor = (
+            DenseFactor(a_dim, device, dtype)
+            if is_dense(a_dim)
+            else LowRankFactor(a_dim, rank, oversampling, generator, device, dtype, isotropic_tail)
+        )
+        self.b_factor = (
+            DenseFactor(b_dim, device, dtype)
+            if is_dense(b_dim)
+            else DiagPlusLowRankFactor(b_dim, rank, oversampling, generator, device, dtype)
+        )
 
     @property
     def factors(self) -> tuple[KroneckerFactor, KroneckerFactor]:
@@ -63,7 +79,9 @@ class KFACLayer:
                 mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
                 inputs = F.pad(inputs, module._reversed_padding_repeated_twice, mode=mode)
                 padding = 0
-            patches = F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+            patches = F.unfold(
+                inputs, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
+            )
             rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
         else:
             rows = inputs.reshape(-1, inputs.shape[-1])

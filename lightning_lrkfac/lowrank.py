@@ -100,7 +100,13 @@ class KroneckerFactor(ABC):
     # -- checkpointing ----------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:
         tensors = {name: value.detach().clone() for name, value in vars(self).items() if isinstance(value, Tensor)}
-        return {"kind": type(self).__name__, "dim": self.dim, "initialized": self.initialized, "refreshed": self.refreshed, "tensors": tensors}
+        return {
+            "kind": type(self).__name__,
+            "dim": self.dim,
+            "initialized": self.initialized,
+            "refreshed": self.refreshed,
+            "tensors": tensors,
+        }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         for name, value in state["tensors"].items():
@@ -144,7 +150,15 @@ class DenseFactor(KroneckerFactor):
 class SketchedFactor(KroneckerFactor):
     """Shared sketch machinery of the two low-rank factors: V, Y = F·V and their pending sum."""
 
-    def __init__(self, dim: int, rank: int, oversampling: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        dim: int,
+        rank: int,
+        oversampling: int,
+        generator: torch.Generator,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         super().__init__(dim, device, dtype)
         self.rank = rank
         width = min(rank + oversampling, dim)
@@ -165,7 +179,16 @@ class SketchedFactor(KroneckerFactor):
 class LowRankFactor(SketchedFactor):
     """A ≈ U Λ Uᵀ (top-k eigenpairs), optionally + σ(I − UUᵀ) for the dropped tail of the trace."""
 
-    def __init__(self, dim: int, rank: int, oversampling: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype, isotropic_tail: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        rank: int,
+        oversampling: int,
+        generator: torch.Generator,
+        device: torch.device,
+        dtype: torch.dtype,
+        isotropic_tail: bool = False,
+    ) -> None:
         super().__init__(dim, rank, oversampling, generator, device, dtype)
         self.isotropic_tail = isotropic_tail
         self.eigenvectors = self.test[:, :rank].clone()
@@ -194,7 +217,15 @@ class DiagPlusLowRankFactor(SketchedFactor):
     k×k guard in :class:`~.preconditioner.DiagPlusLowRankInverse` catches the rest.
     """
 
-    def __init__(self, dim: int, rank: int, oversampling: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        dim: int,
+        rank: int,
+        oversampling: int,
+        generator: torch.Generator,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         super().__init__(dim, rank, oversampling, generator, device, dtype)
         self.diag = torch.zeros(dim, device=device, dtype=dtype)
         self.pending_diag = torch.zeros_like(self.diag)

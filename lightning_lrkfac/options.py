@@ -26,7 +26,15 @@ def non_negative_int(option: str, value: object) -> None:
 
 
 def positive_float(option: str, value: object) -> None:
-    require(isinstance(value, (int, float)) and not isinstance(value, bool) and float(value) > 0 and float(value) < float("inf"), option, "a finite number > 0", value)
+    require(
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and float(value) > 0
+        and float(value) < float("inf"),
+        option,
+        "a finite number > 0",
+        value,
+    )
 
 
 def one_of(option: str, value: object, allowed: Sequence[str]) -> None:

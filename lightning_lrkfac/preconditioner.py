@@ -29,7 +29,9 @@ def pi_damping(damping: float, trace_a: Tensor, dim_a: int, trace_b: Tensor, dim
     return (root * pi).clamp_min(MIN_DAMPING), (root / pi).clamp_min(MIN_DAMPING)
 
 
-def eig_inverse_right(matrix: Tensor, vectors: Tensor, values: Tensor, damping: Tensor, tail: Tensor | None = None) -> Tensor:
+def eig_inverse_right(
+    matrix: Tensor, vectors: Tensor, values: Tensor, damping: Tensor, tail: Tensor | None = None
+) -> Tensor:
     """X ↦ X (U diag(λ) Uᵀ + σ(I − UUᵀ) + δI)⁻¹ for U with orthonormal columns.
 
     With a square U (exact mode) the tail term is absent. Costs O(rows·d·k).
@@ -43,7 +45,9 @@ def eig_inverse_right(matrix: Tensor, vectors: Tensor, values: Tensor, damping: 
     return matrix * tail_inverse + correction @ vectors.mT
 
 
-def eig_inverse_left(matrix: Tensor, vectors: Tensor, values: Tensor, damping: Tensor, tail: Tensor | None = None) -> Tensor:
+def eig_inverse_left(
+    matrix: Tensor, vectors: Tensor, values: Tensor, damping: Tensor, tail: Tensor | None = None
+) -> Tensor:
     """X ↦ (U diag(λ) Uᵀ + σ(I − UUᵀ) + δI)⁻¹ X, the symmetric twin of :func:`eig_inverse_right`."""
     return eig_inverse_right(matrix.mT, vectors, values, damping, tail).mT
 

@@ -19,7 +19,12 @@ class _Module(torch.nn.Module):
 
 
 def fake_trainer(global_step: int = 0, accumulate: int = 1) -> SimpleNamespace:
-    return SimpleNamespace(global_step=global_step, accumulate_grad_batches=accumulate, precision_plugin=SimpleNamespace(), optimizers=[object()])
+    return SimpleNamespace(
+        global_step=global_step,
+        accumulate_grad_batches=accumulate,
+        precision_plugin=SimpleNamespace(),
+        optimizers=[object()],
+    )
 
 
 def run_one_step(callback, model, x, y, loss_fn=F.cross_entropy, refreshes: int = 1):

@@ -38,7 +38,9 @@ def dense_kfac_augmented(model: nn.Sequential, x, y, damping):
         pi = ((A.trace() / A.shape[0]) / (B.trace() / B.shape[0])).sqrt()
         da, db = pi * damping**0.5, damping**0.5 / pi
         G = torch.cat([m.weight.grad, m.bias.grad[:, None]], 1)
-        P = torch.linalg.solve(B + db * torch.eye(B.shape[0], dtype=x.dtype), G) @ torch.linalg.inv(A + da * torch.eye(A.shape[0], dtype=x.dtype))
+        P = torch.linalg.solve(B + db * torch.eye(B.shape[0], dtype=x.dtype), G) @ torch.linalg.inv(
+            A + da * torch.eye(A.shape[0], dtype=x.dtype)
+        )
         out += [P[:, :-1], P[:, -1]]
     return out
 
@@ -48,7 +50,12 @@ def test_exact_mode_augmented_bias_matches_dense_reference():
     try:
         model, x, y = mlp([6, 8, 4]), torch.randn(10, 6), torch.randint(0, 4, (10,))
         expected = dense_kfac_augmented(model, x, y, 1e-2)
-        got = run_one_step(LowRankKFACCallback(rank=16, damping=1e-2, kl_clip=None, factor_dtype="float64", log_stats=False), model, x, y)
+        got = run_one_step(
+            LowRankKFACCallback(rank=16, damping=1e-2, kl_clip=None, factor_dtype="float64", log_stats=False),
+            model,
+            x,
+            y,
+        )
     finally:
         torch.set_default_dtype(torch.float32)
     for g, e in zip(got, expected):
@@ -98,11 +105,23 @@ def digits_loader(batch_size=64, limit=None):
     x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
     if limit:
         x, y = x[:limit], y[:limit]
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 def quiet_trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    defaults = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
 
@@ -132,7 +151,10 @@ class _GradRecorder(pl.Callback):
 def test_only_handled_layers_get_preconditioned_gradients():
     batches = digits_loader(limit=64)
     records = {}
-    for name, callbacks in (("plain", []), ("kfac", [LowRankKFACCallback(rank=8, exclude=["body.2"], log_stats=False)])):
+    for name, callbacks in (
+        ("plain", []),
+        ("kfac", [LowRankKFACCallback(rank=8, exclude=["body.2"], log_stats=False)]),
+    ):
         torch.manual_seed(0)
         recorder = _GradRecorder()
         quiet_trainer(max_steps=1, callbacks=callbacks + [recorder]).fit(DigitsModule(), batches)
@@ -183,4 +205,6 @@ def test_nothing_to_precondition_fails_at_setup():
     with pytest.raises(ValueError, match="found nothing to precondition"):
         quiet_trainer(max_steps=1, callbacks=[LowRankKFACCallback()]).fit(NoLayers(), digits_loader(limit=8))
     with pytest.raises(ValueError, match="found nothing to precondition"):
-        quiet_trainer(max_steps=1, callbacks=[LowRankKFACCallback(include=["nope*"])]).fit(DigitsModule(), digits_loader(limit=8))
+        quiet_trainer(max_steps=1, callbacks=[LowRankKFACCallback(include=["nope*"])]).fit(
+            DigitsModule(), digits_loader(limit=8)
+        )

@@ -36,7 +36,9 @@ def test_exact_mode_matches_asdl(builder, shape, damping):
         x = torch.randn(*shape)
         y = torch.randint(0, 3, (shape[0],))
         expected = asdl_preconditioned(model, x, y, damping)
-        callback = LowRankKFACCallback(rank=64, damping=damping, bias_mode="separate", kl_clip=None, factor_dtype="float64", log_stats=False)
+        callback = LowRankKFACCallback(
+            rank=64, damping=damping, bias_mode="separate", kl_clip=None, factor_dtype="float64", log_stats=False
+        )
         got = run_one_step(callback, model, x, y)
         plain = run_one_step(None, model, x, y)
     finally:

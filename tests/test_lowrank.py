@@ -45,7 +45,9 @@ def new_factor(cls, dim, rank, oversampling=4, seed=0, **kwargs):
 
 def test_subspace_iteration_recovers_top_k_eigenpairs_of_known_spectrum():
     d, k = 200, 8
-    spectrum = torch.cat([torch.tensor([50.0, 40, 30, 20, 15, 12, 10, 8], dtype=DT), torch.linspace(2, 0.01, d - k, dtype=DT)])
+    spectrum = torch.cat(
+        [torch.tensor([50.0, 40, 30, 20, 15, 12, 10, 8], dtype=DT), torch.linspace(2, 0.01, d - k, dtype=DT)]
+    )
     matrix, basis = matrix_with_spectrum(spectrum)
     factor = new_factor(LowRankFactor, d, k)
     for _ in range(15):

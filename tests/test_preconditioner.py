@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from lightning_lrkfac.preconditioner import DiagPlusLowRankInverse, eig_inverse_left, eig_inverse_right, kl_clip_scale, pi_damping
+from lightning_lrkfac.preconditioner import (
+    DiagPlusLowRankInverse,
+    eig_inverse_left,
+    eig_inverse_right,
+    kl_clip_scale,
+    pi_damping,
+)
 
 DT = torch.float64
 
@@ -39,7 +45,9 @@ def test_woodbury_equals_recursive_sherman_morrison_and_solve():
         got = inverse.apply_left(x)
         dense = torch.diag(diag + damping) + basis @ torch.diag(coefficients) @ basis.T
         torch.testing.assert_close(got, torch.linalg.solve(dense, x), rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(got, sherman_morrison_inverse(diag + damping, basis, coefficients) @ x, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            got, sherman_morrison_inverse(diag + damping, basis, coefficients) @ x, rtol=1e-10, atol=1e-12
+        )
 
 
 def test_spd_guard_detects_and_repairs_an_indefinite_approximation():
@@ -68,7 +76,11 @@ def test_eig_inverse_with_isotropic_tail_matches_dense_solve():
     vectors = torch.linalg.qr(torch.randn(d, k, dtype=DT))[0]
     values = torch.rand(k, dtype=DT) * 4
     tail, damping = torch.tensor(0.2, dtype=DT), torch.tensor(0.05, dtype=DT)
-    dense = vectors @ torch.diag(values) @ vectors.T + tail * (torch.eye(d, dtype=DT) - vectors @ vectors.T) + damping * torch.eye(d, dtype=DT)
+    dense = (
+        vectors @ torch.diag(values) @ vectors.T
+        + tail * (torch.eye(d, dtype=DT) - vectors @ vectors.T)
+        + damping * torch.eye(d, dtype=DT)
+    )
     x = torch.randn(8, d, dtype=DT)
     torch.testing.assert_close(eig_inverse_right(x, vectors, values, damping, tail), torch.linalg.solve(dense, x.T).T)
     torch.testing.assert_close(eig_inverse_left(x.T, vectors, values, damping, tail), torch.linalg.solve(dense, x.T))
