@@ -1,0 +1,117 @@
+"""DataModules that need no download: sklearn's digits (embedded), mnist1d (generated),
+and CIFAR-10 from a local folder (torchvision, optional)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def _split(x: np.ndarray, y: np.ndarray, fractions: tuple[float, float], seed: int):
+    """Shuffle once with ``seed`` and cut into train / val / test by the given val and test fractions."""
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_val, n_test = int(fractions[0] * len(y)), int(fractions[1] * len(y))
+    parts = order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]
+    return [TensorDataset(torch.as_tensor(x[p], dtype=torch.float32), torch.as_tensor(y[p], dtype=torch.long)) for p in parts]
+
+
+class TensorDataModule(pl.LightningDataModule):
+    """Train/val/test TensorDatasets with shuffled training batches (seeded)."""
+
+    def __init__(self, batch_size: int, seed: int) -> None:
+        super().__init__()
+        self.batch_size, self.seed = batch_size, seed
+        self.train_set = self.val_set = self.test_set = None
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=1024)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=1024)
+
+
+class DigitsDataModule(TensorDataModule):
+    """sklearn's 8×8 handwritten digits (1,797 images, shipped with scikit-learn): 70/15/15 split.
+
+    ``as_images=True`` yields 1×8×8 tensors for CNNs, else 64 features; pixels scaled to [0, 1].
+    """
+
+    def __init__(self, batch_size: int = 64, as_images: bool = False, seed: int = 0) -> None:
+        super().__init__(batch_size, seed)
+        self.as_images = as_images
+
+    def setup(self, stage: str | None = None) -> None:
+        from sklearn.datasets import load_digits
+
+        x, y = load_digits(return_X_y=True)
+        x = x / 16.0
+        if self.as_images:
+            x = x.reshape(-1, 1, 8, 8)
+        self.train_set, self.val_set, self.test_set = _split(x, y, (0.15, 0.15), self.seed)
+
+
+class MNIST1DDataModule(TensorDataModule):
+    """mnist1d (Greydanus 2020), generated locally from its templates: 40-long 1D signals, 10 classes.
+
+    The package's own 80/20 train/test split is kept; 10% of train is held out for validation.
+    """
+
+    def __init__(self, batch_size: int = 128, num_samples: int = 5000, seed: int = 0) -> None:
+        super().__init__(batch_size, seed)
+        self.num_samples = num_samples
+
+    def setup(self, stage: str | None = None) -> None:
+        try:
+            from mnist1d.data import get_dataset_args, make_dataset
+        except ImportError as error:
+            raise ImportError("MNIST1DDataModule needs the mnist1d package: `pip install -e .[mnist1d]`") from error
+        args = get_dataset_args()
+        args.num_samples = self.num_samples
+        data = make_dataset(args)  # generated from templates: no download
+        x, y = data["x"], data["y"]
+        val = len(y) // 10
+        to_set = lambda a, b: TensorDataset(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.long))  # noqa: E731
+        self.train_set, self.val_set = to_set(x[val:], y[val:]), to_set(x[:val], y[:val])
+        self.test_set = to_set(data["x_test"], data["y_test"])
+
+
+class CIFAR10DataModule(pl.LightningDataModule):
+    """CIFAR-10 from ``data_dir`` (torchvision's layout). Never downloads: a missing folder is an error."""
+
+    def __init__(self, data_dir: str = "data/cifar10", batch_size: int = 128, num_workers: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        self.data_dir, self.batch_size, self.num_workers, self.seed = data_dir, batch_size, num_workers, seed
+
+    def setup(self, stage: str | None = None) -> None:
+        from .models import require_torchvision
+
+        tv = require_torchvision()
+        t = tv.transforms
+        normalize = t.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+        train_tf = t.Compose([t.RandomCrop(32, padding=4), t.RandomHorizontalFlip(), t.ToTensor(), normalize])
+        test_tf = t.Compose([t.ToTensor(), normalize])
+        try:
+            self.train_set = tv.datasets.CIFAR10(self.data_dir, train=True, transform=train_tf, download=False)
+            self.test_set = tv.datasets.CIFAR10(self.data_dir, train=False, transform=test_tf, download=False)
+        except RuntimeError as error:
+            raise FileNotFoundError(
+                f"CIFAR-10 was not found under data_dir={self.data_dir!r}. Put the extracted 'cifar-10-batches-py' "
+                "folder there (this project never downloads data)."
+            ) from error
+        self.val_set = self.test_set
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, self.batch_size, shuffle=True, num_workers=self.num_workers, generator=generator, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, 512, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, 512, num_workers=self.num_workers)

@@ -1,0 +1,138 @@
+"""LightningModules for the examples and configs: an MLP, a small CNN and a CIFAR ResNet-18.
+
+They are ordinary classifiers (cross-entropy, torchmetrics accuracy, SGD or Adam): the
+callback needs nothing from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+class Classifier(pl.LightningModule):
+    """Cross-entropy classifier around ``self.net``; logs loss and accuracy per split."""
+
+    def __init__(
+        self, num_classes: int, lr: float, momentum: float, weight_decay: float, optimizer: str
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}")
+        self.lr, self.momentum, self.weight_decay, self.optimizer_name = lr, momentum, weight_decay, optimizer
+        self.accuracy = nn.ModuleDict({f"{split}_acc": MulticlassAccuracy(num_classes) for split in ("train", "val", "test")})
+        self.net: nn.Module = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _shared_step(self, batch, split: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        accuracy = self.accuracy[f"{split}_acc"]
+        accuracy(logits, y)
+        on_step = split == "train"
+        self.log(f"{split}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=split != "test")
+        self.log(f"{split}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=split != "train")
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._shared_step(batch, "test")
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+
+class MLPClassifier(Classifier):
+    """Fully connected network: in_features → hidden… → num_classes, ReLU between."""
+
+    def __init__(
+        self,
+        in_features: int = 64,
+        hidden: Sequence[int] = (256, 256),
+        num_classes: int = 10,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        optimizer: str = "sgd",
+    ) -> None:
+        super().__init__(num_classes, lr, momentum, weight_decay, optimizer)
+        self.save_hyperparameters()
+        widths = [in_features, *hidden]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        layers.append(nn.Linear(widths[-1], num_classes))
+        self.net = nn.Sequential(*layers)
+
+
+class CNNClassifier(Classifier):
+    """Two 3×3 conv blocks (conv-ReLU-maxpool) and a linear head; for 1D or 2D inputs reshaped to images."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 8,
+        channels: Sequence[int] = (32, 64),
+        num_classes: int = 10,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        optimizer: str = "sgd",
+    ) -> None:
+        super().__init__(num_classes, lr, momentum, weight_decay, optimizer)
+        self.save_hyperparameters()
+        layers: list[nn.Module] = []
+        size, previous = image_size, in_channels
+        for width in channels:
+            layers += [nn.Conv2d(previous, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            size, previous = size // 2, width
+        layers += [nn.Flatten(), nn.Linear(previous * size * size, num_classes)]
+        self.net = nn.Sequential(*layers)
+
+
+def require_torchvision():
+    """Import torchvision or explain how to get it (the optional ``vision`` extra)."""
+    try:
+        import torchvision
+    except Exception as error:  # ImportError, or a torchvision built for another torch
+        raise ImportError(
+            "The CIFAR-10 example needs torchvision matching your torch: `pip install -e .[vision]` "
+            f"(or the torchvision release for your torch). Import failed with: {error}"
+        ) from error
+    return torchvision
+
+
+class ResNet18Classifier(Classifier):
+    """torchvision ResNet-18 with the CIFAR stem (3×3 conv, no max-pool). Needs the ``vision`` extra."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        optimizer: str = "sgd",
+    ) -> None:
+        super().__init__(num_classes, lr, momentum, weight_decay, optimizer)
+        self.save_hyperparameters()
+        net = require_torchvision().models.resnet18(num_classes=num_classes)
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+        self.net = net

@@ -1,0 +1,80 @@
+"""Every config parses and runs one fast_dev_run step; the examples run; the CLI prints accuracy."""
+
+from __future__ import annotations
+
+import importlib.util
+import runpy
+from pathlib import Path
+
+import pytest
+
+from lightning_lrkfac.cli import main as lrkfac
+from lightning_lrkfac.models import require_torchvision
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def torchvision_works() -> bool:
+    try:
+        require_torchvision()
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_config_runs_with_fast_dev_run(config, tmp_path, monkeypatch):
+    if "cifar" in config.stem and not torchvision_works():
+        pytest.skip("CIFAR-10 configs need the `vision` extra (torchvision)")
+    if "mnist1d" in config.stem and importlib.util.find_spec("mnist1d") is None:
+        pytest.skip("mnist1d is not installed")
+    monkeypatch.chdir(tmp_path)
+    lrkfac(["fit", "--config", str(config), "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu"])
+
+
+def test_print_config_lists_callback_options(capsys):
+    with pytest.raises(SystemExit):
+        lrkfac(["fit", "--config", str(ROOT / "configs/digits_mlp.yaml"), "--print_config"])
+    printed = capsys.readouterr().out
+    for option in ("rank: 16", "oversampling: 8", "factor_decay: 0.95", "basis_update_interval: 10", "kl_clip: 0.001"):
+        assert option in printed
+
+
+def test_callback_options_settable_from_command_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli_args = ["--config", str(ROOT / "configs/digits_mlp_sgd.yaml"), "--trainer.fast_dev_run=true"]
+    cli_args += ["--trainer.callbacks+=lightning_lrkfac.LowRankKFACCallback", "--trainer.callbacks.rank=4"]
+    from lightning_lrkfac.cli import LRKFACCLI
+
+    cli = LRKFACCLI(subclass_mode_model=True, subclass_mode_data=True, args=cli_args, run=False)
+    callbacks = [c for c in cli.trainer.callbacks if type(c).__name__ == "LowRankKFACCallback"]
+    assert len(callbacks) == 1 and callbacks[0].rank == 4
+
+
+def test_main_job_reaches_good_test_accuracy(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    lrkfac(["fit", "--config", str(ROOT / "configs/digits_mlp.yaml"), "--trainer.max_epochs=5", "--trainer.logger=false"])
+    line = [s for s in capsys.readouterr().out.splitlines() if s.startswith("test accuracy:")][-1]
+    assert float(line.split(":")[1]) > 0.9, line
+
+
+def test_plain_python_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    module = runpy.run_path(str(ROOT / "examples/plain_python.py"))
+    assert module["main"](max_epochs=2) > 0.8
+
+
+def test_missing_torchvision_gives_a_clear_message(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "torchvision":
+            raise ImportError("no torchvision here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match=r"pip install -e \.\[vision\]"):
+        require_torchvision()
