@@ -47,7 +47,10 @@ def main(config: str, out: str, max_epochs: int | None = None) -> Path:
     config_path = Path(config)
     baseline = config_path.with_name(config_path.stem + "_sgd.yaml")
     save_dir = tempfile.mkdtemp(prefix="lrkfac_curves_")
-    runs = {"SGD": run(baseline, save_dir, "sgd", max_epochs), "SGD + low-rank K-FAC": run(config_path, save_dir, "kfac", max_epochs)}
+    runs = {
+        "SGD": run(baseline, save_dir, "sgd", max_epochs),
+        "SGD + low-rank K-FAC": run(config_path, save_dir, "kfac", max_epochs),
+    }
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for label, metrics in runs.items():
         left.plot(*read_series(metrics, "train_loss_step", "step"), label=label)

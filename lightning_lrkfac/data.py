@@ -14,7 +14,10 @@ def _split(x: np.ndarray, y: np.ndarray, fractions: tuple[float, float], seed: i
     order = np.random.default_rng(seed).permutation(len(y))
     n_val, n_test = int(fractions[0] * len(y)), int(fractions[1] * len(y))
     parts = order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]
-    return [TensorDataset(torch.as_tensor(x[p], dtype=torch.float32), torch.as_tensor(y[p], dtype=torch.long)) for p in parts]
+    return [
+        TensorDataset(torch.as_tensor(x[p], dtype=torch.float32), torch.as_tensor(y[p], dtype=torch.long))
+        for p in parts
+    ]
 
 
 class TensorDataModule(pl.LightningDataModule):
@@ -76,7 +79,9 @@ class MNIST1DDataModule(TensorDataModule):
         data = make_dataset(args)  # generated from templates: no download
         x, y = data["x"], data["y"]
         val = len(y) // 10
-        to_set = lambda a, b: TensorDataset(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.long))  # noqa: E731
+        to_set = lambda a, b: TensorDataset(
+            torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.long)
+        )  # noqa: E731
         self.train_set, self.val_set = to_set(x[val:], y[val:]), to_set(x[:val], y[:val])
         self.test_set = to_set(data["x_test"], data["y_test"])
 
@@ -84,7 +89,9 @@ class MNIST1DDataModule(TensorDataModule):
 class CIFAR10DataModule(pl.LightningDataModule):
     """CIFAR-10 from ``data_dir`` (torchvision's layout). Never downloads: a missing folder is an error."""
 
-    def __init__(self, data_dir: str = "data/cifar10", batch_size: int = 128, num_workers: int = 4, seed: int = 0) -> None:
+    def __init__(
+        self, data_dir: str = "data/cifar10", batch_size: int = 128, num_workers: int = 4, seed: int = 0
+    ) -> None:
         super().__init__()
         self.data_dir, self.batch_size, self.num_workers, self.seed = data_dir, batch_size, num_workers, seed
 
@@ -108,7 +115,14 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, num_workers=self.num_workers, generator=generator, drop_last=True)
+        return DataLoader(
+            self.train_set,
+            self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            generator=generator,
+            drop_last=True,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, 512, num_workers=self.num_workers)

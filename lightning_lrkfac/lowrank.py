@@ -191,13 +191,13 @@ class LowRankFactor(SketchedFactor):
     ) -> None:
         super().__init__(dim, rank, oversampling, generator, device, dtype)
         self.isotropic_tail = isotropic_tail
-        self.eigenvectors = self.test[:, :rank].clone()
+        self.eigenvectors = self.test[:, :rank]
         self.eigenvalues = torch.zeros(rank, device=device, dtype=dtype)
         self.tail = torch.zeros((), device=device, dtype=dtype)
 
     def refresh(self) -> None:
         vectors, values = nystrom_eigh(self.test, self.sketch)
-        self.eigenvectors, self.eigenvalues = vectors[:, : self.rank].clone(), values[: self.rank].clone()
+        self.eigenvectors, self.eigenvalues = vectors[:, : self.rank], values[: self.rank]  # views of the test matrix
         if self.isotropic_tail:
             remaining = (self.trace - self.eigenvalues.sum()).clamp_min(0.0)
             self.tail = remaining / (self.dim - self.rank)
@@ -229,7 +229,7 @@ class DiagPlusLowRankFactor(SketchedFactor):
         super().__init__(dim, rank, oversampling, generator, device, dtype)
         self.diag = torch.zeros(dim, device=device, dtype=dtype)
         self.pending_diag = torch.zeros_like(self.diag)
-        self.eigenvectors = self.test[:, :rank].clone()
+        self.eigenvectors = self.test[:, :rank]
         self.eigenvalues = torch.zeros(rank, device=device, dtype=dtype)
         self.repairs = torch.zeros((), device=device, dtype=torch.int64)
 
@@ -257,7 +257,10 @@ class DiagPlusLowRankFactor(SketchedFactor):
         shifted_sketch = self.sketch - self.diag[:, None] * self.test + shift * self.test
         vectors, values = nystrom_eigh(self.test, shifted_sketch)
         offdiag_values = values - shift
-        self.eigenvectors, self.eigenvalues = vectors[:, : self.rank].clone(), offdiag_values[: self.rank].clone()
+        self.eigenvectors, self.eigenvalues = (
+            vectors[:, : self.rank],
+            offdiag_values[: self.rank],
+        )  # views of the test matrix
         self.test = vectors
         self.sketch = vectors * offdiag_values + self.diag[:, None] * vectors
         self.refreshed = True

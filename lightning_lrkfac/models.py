@@ -20,14 +20,14 @@ OPTIMIZERS = ("sgd", "adam")
 class Classifier(pl.LightningModule):
     """Cross-entropy classifier around ``self.net``; logs loss and accuracy per split."""
 
-    def __init__(
-        self, num_classes: int, lr: float, momentum: float, weight_decay: float, optimizer: str
-    ) -> None:
+    def __init__(self, num_classes: int, lr: float, momentum: float, weight_decay: float, optimizer: str) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.lr, self.momentum, self.weight_decay, self.optimizer_name = lr, momentum, weight_decay, optimizer
-        self.accuracy = nn.ModuleDict({f"{split}_acc": MulticlassAccuracy(num_classes) for split in ("train", "val", "test")})
+        self.accuracy = nn.ModuleDict(
+            {f"{split}_acc": MulticlassAccuracy(num_classes) for split in ("train", "val", "test")}
+        )
         self.net: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

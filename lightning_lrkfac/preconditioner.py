@@ -41,8 +41,9 @@ def eig_inverse_right(
         return (projected / (values + damping)) @ vectors.mT
     tail_value = torch.zeros_like(damping) if tail is None else tail
     tail_inverse = 1.0 / (tail_value + damping)
-    correction = projected * (1.0 / (values + damping) - tail_inverse)
-    return matrix * tail_inverse + correction @ vectors.mT
+    # X/(σ+δ) + XU(diag(1/(λ+δ)) − 1/(σ+δ))Uᵀ, written as one addmm then one scaling pass.
+    correction = projected * ((tail_value + damping) / (values + damping) - 1.0)
+    return torch.addmm(matrix, correction, vectors.mT).mul_(tail_inverse)
 
 
 def eig_inverse_left(
@@ -89,7 +90,12 @@ class DiagPlusLowRankInverse:
 
     def apply_left(self, matrix: Tensor) -> Tensor:
         """(D + δI + V M Vᵀ)⁻¹ X for X with d rows; O(d·cols·k)."""
-        return matrix * self.inverse_diag[:, None] - self.scaled_basis @ (self.core @ (self.scaled_basis.mT @ matrix))
+        return torch.addmm(
+            matrix * self.inverse_diag[:, None],
+            self.scaled_basis,
+            self.core @ (self.scaled_basis.mT @ matrix),
+            alpha=-1.0,
+        )
 
 
 def kl_clip_scale(kl_clip: float, learning_rate: float, vg_sum: Tensor) -> Tensor:

@@ -54,7 +54,9 @@ def test_callback_options_settable_from_command_line(tmp_path, monkeypatch):
 
 def test_main_job_reaches_good_test_accuracy(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    lrkfac(["fit", "--config", str(ROOT / "configs/digits_mlp.yaml"), "--trainer.max_epochs=5", "--trainer.logger=false"])
+    lrkfac(
+        ["fit", "--config", str(ROOT / "configs/digits_mlp.yaml"), "--trainer.max_epochs=5", "--trainer.logger=false"]
+    )
     line = [s for s in capsys.readouterr().out.splitlines() if s.startswith("test accuracy:")][-1]
     assert float(line.split(":")[1]) > 0.9, line
 

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that write JSON and PNG to benchmarks/results/ and print a table."""
