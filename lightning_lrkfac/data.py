@@ -9,15 +9,16 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 
+def _tensor_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+    return TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long))
+
+
 def _split(x: np.ndarray, y: np.ndarray, fractions: tuple[float, float], seed: int):
     """Shuffle once with ``seed`` and cut into train / val / test by the given val and test fractions."""
     order = np.random.default_rng(seed).permutation(len(y))
     n_val, n_test = int(fractions[0] * len(y)), int(fractions[1] * len(y))
     parts = order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]
-    return [
-        TensorDataset(torch.as_tensor(x[p], dtype=torch.float32), torch.as_tensor(y[p], dtype=torch.long))
-        for p in parts
-    ]
+    return [_tensor_dataset(x[p], y[p]) for p in parts]
 
 
 class TensorDataModule(pl.LightningDataModule):
@@ -79,11 +80,8 @@ class MNIST1DDataModule(TensorDataModule):
         data = make_dataset(args)  # generated from templates: no download
         x, y = data["x"], data["y"]
         val = len(y) // 10
-        to_set = lambda a, b: TensorDataset(
-            torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.long)
-        )  # noqa: E731
-        self.train_set, self.val_set = to_set(x[val:], y[val:]), to_set(x[:val], y[:val])
-        self.test_set = to_set(data["x_test"], data["y_test"])
+        self.train_set, self.val_set = _tensor_dataset(x[val:], y[val:]), _tensor_dataset(x[:val], y[:val])
+        self.test_set = _tensor_dataset(data["x_test"], data["y_test"])
 
 
 class CIFAR10DataModule(pl.LightningDataModule):
