@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from . import options as opt
 from .capture import ActivationCapture
 from .layers import BIAS_MODES, KFACLayer
+from .lowrank import DiagPlusLowRankFactor
 from .preconditioner import kl_clip_scale, pi_damping
 
 STATE_VERSION = 1
@@ -209,11 +210,9 @@ class LowRankKFACCallback(Callback):
         step = trainer.global_step
         if self.factor_update_due(step):
             self.fold_statistics()
-        if step % self.basis_update_interval == 0 or not all(
-            f.refreshed for layer in self.layers for f in layer.factors
-        ):
+        if step % self.basis_update_interval == 0 or not self.bases_ready():
             self.refresh_bases()
-        applied = step >= self.warmup_steps and all(f.refreshed for layer in self.layers for f in layer.factors)
+        applied = step >= self.warmup_steps and self.bases_ready()
         if applied:
             self.precondition(learning_rate=optimizer.param_groups[0]["lr"])
         if self.log_stats:
@@ -234,6 +233,10 @@ class LowRankKFACCallback(Callback):
             self.skipped_updates += (~valid).to(self.skipped_updates.dtype)
             a_factor.fold(self.factor_decay, valid)
             b_factor.fold(self.factor_decay, valid)
+
+    def bases_ready(self) -> bool:
+        """True once every factor has an eigen-approximation to precondition with."""
+        return all(factor.refreshed for layer in self.layers for factor in layer.factors)
 
     def refresh_bases(self) -> None:
         for layer in self.layers:
@@ -281,7 +284,7 @@ class LowRankKFACCallback(Callback):
     def _log(self, pl_module: pl.LightningModule, applied: bool, seconds: float) -> None:
         a_share = torch.stack([layer.a_factor.captured_trace() for layer in self.layers]).mean()
         repairs = sum(
-            (getattr(layer.b_factor, "repairs", None) for layer in self.layers if hasattr(layer.b_factor, "repairs")),
+            (layer.b_factor.repairs for layer in self.layers if isinstance(layer.b_factor, DiagPlusLowRankFactor)),
             torch.zeros((), dtype=torch.int64, device=a_share.device),
         )
         metrics = {

@@ -27,6 +27,9 @@ from .preconditioner import DiagPlusLowRankInverse, eig_inverse_left, eig_invers
 class KroneckerFactor(ABC):
     """One EMA Kronecker factor (A or B) of one layer."""
 
+    #: Isotropic level σ of the dropped spectrum, σ(I − UUᵀ); None where nothing is dropped.
+    tail: Tensor | None = None
+
     def __init__(self, dim: int, device: torch.device, dtype: torch.dtype) -> None:
         self.dim = dim
         self.device = device
@@ -91,11 +94,11 @@ class KroneckerFactor(ABC):
 
     def inverse_right(self, matrix: Tensor, damping: Tensor) -> Tensor:
         """X ↦ X (F̃ + δI)⁻¹ with F̃ the factor's current approximation."""
-        return eig_inverse_right(matrix, self.eigenvectors, self.eigenvalues, damping, getattr(self, "tail", None))
+        return eig_inverse_right(matrix, self.eigenvectors, self.eigenvalues, damping, self.tail)
 
     def inverse_left(self, matrix: Tensor, damping: Tensor) -> Tensor:
         """X ↦ (F̃ + δI)⁻¹ X."""
-        return eig_inverse_left(matrix, self.eigenvectors, self.eigenvalues, damping, getattr(self, "tail", None))
+        return eig_inverse_left(matrix, self.eigenvectors, self.eigenvalues, damping, self.tail)
 
     # -- checkpointing ----------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:
@@ -165,6 +168,8 @@ class SketchedFactor(KroneckerFactor):
         self.test = random_orthonormal(dim, width, generator, device, dtype)
         self.sketch = torch.zeros(dim, width, device=device, dtype=dtype)
         self.pending_sketch = torch.zeros_like(self.sketch)
+        self.eigenvectors = self.test[:, :rank]
+        self.eigenvalues = torch.zeros(rank, device=device, dtype=dtype)
 
     def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
         self.pending_sketch.add_(weight * (rows.mT @ (rows @ self.test)))
@@ -191,8 +196,6 @@ class LowRankFactor(SketchedFactor):
     ) -> None:
         super().__init__(dim, rank, oversampling, generator, device, dtype)
         self.isotropic_tail = isotropic_tail
-        self.eigenvectors = self.test[:, :rank]
-        self.eigenvalues = torch.zeros(rank, device=device, dtype=dtype)
         self.tail = torch.zeros((), device=device, dtype=dtype)
 
     def refresh(self) -> None:
@@ -229,8 +232,6 @@ class DiagPlusLowRankFactor(SketchedFactor):
         super().__init__(dim, rank, oversampling, generator, device, dtype)
         self.diag = torch.zeros(dim, device=device, dtype=dtype)
         self.pending_diag = torch.zeros_like(self.diag)
-        self.eigenvectors = self.test[:, :rank]
-        self.eigenvalues = torch.zeros(rank, device=device, dtype=dtype)
         self.repairs = torch.zeros((), device=device, dtype=torch.int64)
 
     def inverse_left(self, matrix: Tensor, damping: Tensor) -> Tensor:
