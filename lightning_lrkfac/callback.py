@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from functools import partial
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from . import options as opt
 from .capture import ActivationCapture
+from .fisher import LIKELIHOODS, sampled_negative_log_likelihood
 from .layers import BIAS_MODES, KFACLayer
 from .lowrank import DiagPlusLowRankFactor
 from .preconditioner import kl_clip_scale, pi_damping
@@ -46,7 +48,13 @@ class LowRankKFACCallback(Callback):
         dense_threshold: also keep factors of size ≤ this dense.
         include: glob patterns of module names to handle (default: every Linear/Conv2d).
         exclude: glob patterns of module names to leave on the plain gradient.
-        fisher_type: ``"empirical"`` (gradients of the training loss).
+        fisher_type: ``"empirical"`` (B from the gradients of the training loss) or ``"mc"``
+            (true Fisher: B from the gradients of a loss on labels sampled from the model's
+            prediction; one extra partial backward per factor update, no extra forward).
+        mc_output_module: name of the module whose output is the prediction for ``"mc"``
+            (default: the last handled layer).
+        likelihood: the predictive distribution for ``"mc"``: ``"categorical"`` over logits
+            in the last dimension, or ``"gaussian"`` (unit variance) for regression.
         loss_reduction: how the training loss reduces over examples, ``"mean"`` or ``"sum"``.
         factor_dtype: ``"float32"`` or ``"float64"`` for all curvature state.
         seed: seeds the random initial bases.
@@ -69,6 +77,8 @@ class LowRankKFACCallback(Callback):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         fisher_type: str = "empirical",
+        mc_output_module: str | None = None,
+        likelihood: str = "categorical",
         loss_reduction: str = "mean",
         factor_dtype: str = "float32",
         seed: int = 0,
@@ -94,6 +104,13 @@ class LowRankKFACCallback(Callback):
         opt.patterns("include", include)
         opt.patterns("exclude", exclude)
         opt.one_of("fisher_type", fisher_type, opt.FISHER_TYPES)
+        opt.require(
+            mc_output_module is None or isinstance(mc_output_module, str),
+            "mc_output_module",
+            "a module name or null",
+            mc_output_module,
+        )
+        opt.one_of("likelihood", likelihood, LIKELIHOODS)
         opt.one_of("loss_reduction", loss_reduction, opt.LOSS_REDUCTIONS)
         opt.one_of("factor_dtype", factor_dtype, tuple(opt.FACTOR_DTYPES))
         self.rank = rank
@@ -110,6 +127,8 @@ class LowRankKFACCallback(Callback):
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude or [])
         self.fisher_type = fisher_type
+        self.mc_output_module = mc_output_module
+        self.likelihood = likelihood
         self.loss_reduction = loss_reduction
         self.factor_dtype = opt.FACTOR_DTYPES[factor_dtype]
         self.seed = seed
@@ -119,6 +138,7 @@ class LowRankKFACCallback(Callback):
         self.skipped_modules: dict[str, str] = {}
         self.capture: ActivationCapture | None = None
         self.generator = torch.Generator().manual_seed(seed)
+        self.mc_generator: torch.Generator | None = None
         self.skipped_updates: Tensor | None = None
         self._pending_state: dict[str, Any] | None = None
 
@@ -155,8 +175,24 @@ class LowRankKFACCallback(Callback):
                 f"LowRankKFACCallback found nothing to precondition in {type(pl_module).__name__}: it handles nn.Linear and nn.Conv2d (groups=1) "
                 f"with trainable weights; `include`={self.include!r}, `exclude`={self.exclude!r}, skipped: {self.skipped_modules}"
             )
-        self.capture = ActivationCapture(layer.module for layer in self.layers)
+        self.capture = ActivationCapture(
+            {layer.name: layer.module for layer in self.layers}, self._prediction_module(pl_module)
+        )
         self.capture.attach()
+
+    def _prediction_module(self, pl_module: pl.LightningModule) -> nn.Module | None:
+        """The module whose output the Monte-Carlo loss samples from (None for the empirical Fisher)."""
+        if self.fisher_type != "mc":
+            return None
+        if self.mc_output_module is None:
+            return self.layers[-1].module
+        modules = dict(pl_module.named_modules())
+        if self.mc_output_module not in modules:
+            raise ValueError(
+                f"LowRankKFACCallback: `mc_output_module` must name a submodule of {type(pl_module).__name__}, "
+                f"got {self.mc_output_module!r}; handled layers: {[layer.name for layer in self.layers]}"
+            )
+        return modules[self.mc_output_module]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
@@ -174,6 +210,8 @@ class LowRankKFACCallback(Callback):
             )
         device = self.layers[0].weight.device
         self.skipped_updates = torch.zeros((), dtype=torch.int64, device=device)
+        if self.fisher_type == "mc":
+            self.mc_generator = torch.Generator(device=device).manual_seed(self.seed + 1)
         if self._pending_state is not None:
             self._restore(self._pending_state)
             self._pending_state = None
@@ -187,10 +225,16 @@ class LowRankKFACCallback(Callback):
     ) -> None:
         self.capture.enabled = self.factor_update_due(trainer.global_step)
 
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self.fisher_type != "mc" or not self.capture.enabled:
+            return
+        sampled_loss = partial(sampled_negative_log_likelihood, likelihood=self.likelihood, generator=self.mc_generator)
+        self.capture.backpropagate(sampled_loss, scale=self._loss_scale(trainer))
+
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.capture.enabled:
             return
-        grad_scale = self._grad_scale(trainer)
+        loss_scale = self._loss_scale(trainer)
         for layer in self.layers:
             inputs, grads = self.capture.pop(layer.module)
             if not inputs or not grads:
@@ -199,7 +243,7 @@ class LowRankKFACCallback(Callback):
             a_rows = torch.cat([layer.input_rows(x) for x in inputs])
             a_factor.accumulate(a_rows, 1.0 / a_rows.shape[0])
             samples = sum(layer.num_samples(g) for g in grads)
-            multiplier = grad_scale * (samples / len(grads) if self.loss_reduction == "mean" else 1.0)
+            multiplier = self._per_example_grad_multiplier(trainer, samples / len(grads)) / loss_scale
             b_rows = torch.cat([layer.output_grad_rows(g) for g in grads]).to(self.factor_dtype) * multiplier
             b_factor.accumulate(b_rows, 1.0 / samples)
 
@@ -209,7 +253,7 @@ class LowRankKFACCallback(Callback):
         started = time.perf_counter()
         step = trainer.global_step
         if self.factor_update_due(step):
-            self.fold_statistics()
+            self.fold_statistics(self._scaler_found_no_inf(trainer, optimizer))
         if step % self.basis_update_interval == 0 or not self.bases_ready():
             self.refresh_bases()
         applied = step >= self.warmup_steps and self.bases_ready()
@@ -222,14 +266,20 @@ class LowRankKFACCallback(Callback):
     def factor_update_due(self, step: int) -> bool:
         return step % self.factor_update_interval == 0
 
-    def fold_statistics(self) -> None:
-        """EMA-fold each layer's pending statistics; a layer with non-finite ones is skipped and counted."""
+    def fold_statistics(self, step_valid: Tensor | None = None) -> None:
+        """EMA-fold each layer's pending statistics; a layer with non-finite ones is skipped and counted.
+
+        ``step_valid`` (a bool tensor) is False when the AMP scaler found inf/NaN gradients and
+        skips the optimizer step: then no layer folds, so the step leaves no trace in the curvature.
+        """
         for layer in self.layers:
             a_factor, b_factor = layer.factors
             if a_factor.pending_count == 0 or b_factor.pending_count == 0:
                 continue
             pending = a_factor.pending_tensors() + b_factor.pending_tensors()
             valid = torch.stack([torch.isfinite(t).all() for t in pending]).all()
+            if step_valid is not None:
+                valid = valid & step_valid
             self.skipped_updates += (~valid).to(self.skipped_updates.dtype)
             a_factor.fold(self.factor_decay, valid)
             b_factor.fold(self.factor_decay, valid)
@@ -272,29 +322,59 @@ class LowRankKFACCallback(Callback):
             layer.write_grads(natural, natural_bias)
 
     # -- helpers --------------------------------------------------------------------------
-    def _grad_scale(self, trainer: pl.Trainer) -> float | Tensor:
-        """Undo Lightning's division of the loss by accumulate_grad_batches and AMP's loss scale."""
-        scale: float | Tensor = float(trainer.accumulate_grad_batches) if self.loss_reduction == "mean" else 1.0
+    def _per_example_grad_multiplier(self, trainer: pl.Trainer, examples: float) -> float:
+        """Factor that turns a recorded output gradient into one example's own gradient.
+
+        The sampled Monte-Carlo loss is a plain sum. The training loss was divided by
+        ``accumulate_grad_batches`` (Lightning) and, if mean-reduced, by the examples it averages.
+        """
+        if self.fisher_type == "mc":
+            return 1.0
+        return float(trainer.accumulate_grad_batches) * (examples if self.loss_reduction == "mean" else 1.0)
+
+    @staticmethod
+    def _scaler(trainer: pl.Trainer) -> Any:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            loss_scale = getattr(scaler, "_scale", None)
-            scale = scale / (loss_scale.to(self.factor_dtype) if isinstance(loss_scale, Tensor) else scaler.get_scale())
-        return scale
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def _loss_scale(self, trainer: pl.Trainer) -> float | Tensor:
+        """The AMP loss scale the backward ran with (a device tensor: no host sync), else 1."""
+        scaler = self._scaler(trainer)
+        if scaler is None:
+            return 1.0
+        loss_scale = getattr(scaler, "_scale", None)
+        return loss_scale.to(self.factor_dtype) if isinstance(loss_scale, Tensor) else float(scaler.get_scale())
+
+    def _scaler_found_no_inf(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> Tensor | None:
+        """False (a device tensor) when the AMP scaler's unscale_ found inf/NaN gradients; None without a scaler."""
+        scaler = self._scaler(trainer)
+        if scaler is None:
+            return None
+        found = scaler._per_optimizer_states[id(optimizer)].get("found_inf_per_device", {})
+        if not found:
+            return None
+        return torch.stack([value.to(self.skipped_updates.device) for value in found.values()]).sum() == 0
 
     def _log(self, pl_module: pl.LightningModule, applied: bool, seconds: float) -> None:
-        a_share = torch.stack([layer.a_factor.captured_trace() for layer in self.layers]).mean()
+        """Log the run's curvature health through ``pl_module.log`` (so any Lightning logger gets it).
+
+        ``captured_trace/<layer>/A`` is the share of tr A in the kept eigenvalues;
+        ``.../B`` is Σ|m_i| / tr B, the weight of the kept off-diagonal part of B.
+        """
         repairs = sum(
             (layer.b_factor.repairs for layer in self.layers if isinstance(layer.b_factor, DiagPlusLowRankFactor)),
-            torch.zeros((), dtype=torch.int64, device=a_share.device),
+            torch.zeros((), dtype=torch.int64, device=self.skipped_updates.device),
         )
-        metrics = {
+        metrics: dict[str, float | Tensor] = {
             "lrkfac/damping": self.damping,
-            "lrkfac/captured_trace_A": a_share,
             "lrkfac/spd_repairs": repairs.float(),
             "lrkfac/skipped_updates": self.skipped_updates.float(),
             "lrkfac/preconditioned": float(applied),
             "lrkfac/curvature_ms": 1e3 * seconds,
         }
+        for layer in self.layers:
+            metrics[f"lrkfac/captured_trace/{layer.name}/A"] = layer.a_factor.captured_trace().float()
+            metrics[f"lrkfac/captured_trace/{layer.name}/B"] = layer.b_factor.captured_trace().float()
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     # -- checkpointing -------------------------------------------------------------------
@@ -305,6 +385,7 @@ class LowRankKFACCallback(Callback):
             "bias_mode": self.bias_mode,
             "dense_threshold": self.dense_threshold,
             "factor_dtype": str(self.factor_dtype),
+            "fisher_type": self.fisher_type,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -323,6 +404,7 @@ class LowRankKFACCallback(Callback):
                 for layer in self.layers
             },
             "generator": self.generator.get_state(),
+            "mc_generator": None if self.mc_generator is None else self.mc_generator.get_state(),
             "skipped_updates": self.skipped_updates.detach().clone(),
         }
 
@@ -351,4 +433,6 @@ class LowRankKFACCallback(Callback):
             layer.a_factor.load_state_dict(saved_layers[layer.name]["A"])
             layer.b_factor.load_state_dict(saved_layers[layer.name]["B"])
         self.generator.set_state(state["generator"])
+        if self.mc_generator is not None and state.get("mc_generator") is not None:
+            self.mc_generator.set_state(state["mc_generator"])
         self.skipped_updates.copy_(state["skipped_updates"])

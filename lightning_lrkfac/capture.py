@@ -1,13 +1,16 @@
 """Collect each handled module's inputs and output gradients during forward/backward.
 
 Plain module hooks: a forward hook keeps the input (autograd keeps it alive anyway for
-the weight gradient) and puts a tensor hook on the output for its gradient. A module
-called several times in one forward contributes one entry per call.
+the weight gradient). For the empirical Fisher it puts a tensor hook on the output, which
+records the gradient of the training loss. For the Monte-Carlo Fisher it keeps the
+output itself, and :meth:`ActivationCapture.backpropagate` later sends the gradient of a
+sampled loss back to those outputs only. A module called several times in one forward
+contributes one entry per call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -15,19 +18,36 @@ from torch.utils.hooks import RemovableHandle
 
 
 class ActivationCapture:
-    """Records (input, output-grad) pairs of the given modules while ``enabled`` is True."""
+    """Records (input, output-grad) pairs of the given modules while ``enabled`` is True.
 
-    def __init__(self, modules: Iterable[nn.Module]) -> None:
-        self.modules = list(modules)
+    Args:
+        modules: the handled modules by name.
+        prediction_module: for the Monte-Carlo Fisher, the module whose output the sampled
+            loss is computed from; ``None`` for the empirical Fisher (training-loss grads).
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], prediction_module: nn.Module | None = None) -> None:
+        self.names = {module: name for name, module in modules.items()}
+        self.modules = list(modules.values())
+        self.prediction_module = prediction_module
         self.enabled = False
         self.inputs: dict[nn.Module, list[Tensor]] = {m: [] for m in self.modules}
+        self.outputs: dict[nn.Module, list[Tensor]] = {m: [] for m in self.modules}
         self.output_grads: dict[nn.Module, list[Tensor]] = {m: [] for m in self.modules}
+        self.predictions: list[Tensor] = []
         self._handles: list[RemovableHandle] = []
+
+    @property
+    def monte_carlo(self) -> bool:
+        return self.prediction_module is not None
 
     def attach(self) -> None:
         """Install the hooks (idempotent)."""
-        if not self._handles:
-            self._handles = [m.register_forward_hook(self._forward_hook) for m in self.modules]
+        if self._handles:
+            return
+        self._handles = [m.register_forward_hook(self._forward_hook) for m in self.modules]
+        if self.prediction_module is not None:
+            self._handles.append(self.prediction_module.register_forward_hook(self._prediction_hook))
 
     def detach(self) -> None:
         """Remove the hooks and drop whatever was recorded."""
@@ -39,20 +59,56 @@ class ActivationCapture:
     def clear(self) -> None:
         for module in self.modules:
             self.inputs[module].clear()
+            self.outputs[module].clear()
             self.output_grads[module].clear()
+        self.predictions.clear()
 
-    def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if not (
+    def _recording(self, module: nn.Module, output: object) -> bool:
+        return (
             self.enabled
             and module.training
             and torch.is_grad_enabled()
             and isinstance(output, Tensor)
             and output.requires_grad
-        ):
+        )
+
+    def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if not self._recording(module, output):
             return
         self.inputs[module].append(args[0].detach())
-        grads = self.output_grads[module]
-        output.register_hook(lambda grad: grads.append(grad.detach()))
+        if self.monte_carlo:
+            self.outputs[module].append(output)
+        else:
+            grads = self.output_grads[module]
+            output.register_hook(lambda grad: grads.append(grad.detach()))
+
+    def _prediction_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if self._recording(module, output):
+            self.predictions.append(output)
+
+    def backpropagate(self, sampled_loss: Callable[[Tensor], Tensor], scale: float | Tensor = 1.0) -> None:
+        """Monte-Carlo Fisher: record ∂(scale · Σ sampled_loss(prediction))/∂output for every handled call.
+
+        One partial backward from the predictions to the recorded outputs; the graph is
+        retained for the training loss's own backward. Raises if a handled module's output
+        does not reach the prediction (its B would have no statistics).
+        """
+        outputs = [(m, out) for m in self.modules for out in self.outputs[m]]
+        predictions, self.predictions = self.predictions, []
+        for module in self.modules:
+            self.outputs[module].clear()
+        if not predictions or not outputs:
+            return
+        loss = sum(sampled_loss(prediction) for prediction in predictions) * scale
+        grads = torch.autograd.grad(loss, [out for _, out in outputs], retain_graph=True, allow_unused=True)
+        unreached = sorted({self.names[m] for (m, _), g in zip(outputs, grads) if g is None})
+        if unreached:
+            raise RuntimeError(
+                f"fisher_type='mc': the outputs of handled modules {unreached} do not reach the prediction module's output; "
+                "name the model's final output module in `mc_output_module` or `exclude` those modules."
+            )
+        for (module, _), grad in zip(outputs, grads):
+            self.output_grads[module].append(grad.detach())
 
     def pop(self, module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
         """The recorded inputs and output grads of ``module`` since the last pop, then cleared."""

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-FISHER_TYPES = ("empirical",)
+FISHER_TYPES = ("empirical", "mc")
 LOSS_REDUCTIONS = ("mean", "sum")
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -45,7 +45,9 @@ def run_one_step(callback, model, x, y, loss_fn=F.cross_entropy, refreshes: int 
     for _ in range(refreshes):
         model.zero_grad()
         callback.on_train_batch_start(trainer, wrapper, None, 0)
-        loss_fn(model(x), y).backward()
+        loss = loss_fn(model(x), y)
+        callback.on_before_backward(trainer, wrapper, loss)
+        loss.backward()
         callback.on_after_backward(trainer, wrapper)
         callback.on_before_optimizer_step(trainer, wrapper, optimizer)
     callback.teardown(trainer, wrapper, "fit")

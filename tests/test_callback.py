@@ -183,6 +183,8 @@ def test_only_handled_layers_get_preconditioned_gradients():
         (dict(include="head"), "include"),
         (dict(loss_reduction="max"), "loss_reduction"),
         (dict(factor_dtype="float16"), "factor_dtype"),
+        (dict(likelihood="poisson"), "likelihood"),
+        (dict(mc_output_module=3), "mc_output_module"),
     ],
 )
 def test_bad_options_fail_at_construction_naming_the_option(kwargs, option):
