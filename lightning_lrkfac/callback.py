@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from . import options as opt
 from .capture import ActivationCapture
+from .distributed import WORK_MODES, Communicator, balanced_owners
 from .fisher import LIKELIHOODS, sampled_negative_log_likelihood
 from .layers import BIAS_MODES, KFACLayer
 from .lowrank import DiagPlusLowRankFactor
@@ -58,6 +59,10 @@ class LowRankKFACCallback(Callback):
         loss_reduction: how the training loss reduces over examples, ``"mean"`` or ``"sum"``.
         factor_dtype: ``"float32"`` or ``"float64"`` for all curvature state.
         seed: seeds the random initial bases.
+        work_distribution: under data parallelism (Lightning's DDP), ``"replicate"``: every
+            rank refreshes and preconditions every layer; ``"layerwise"``: each layer has one
+            owner rank (balanced by cost) that does its work and broadcasts the result.
+            The statistics are summed over ranks either way.
         log_stats: log damping, captured trace, SPD repairs, skipped updates and time.
     """
 
@@ -82,6 +87,7 @@ class LowRankKFACCallback(Callback):
         loss_reduction: str = "mean",
         factor_dtype: str = "float32",
         seed: int = 0,
+        work_distribution: str = "replicate",
         log_stats: bool = True,
     ) -> None:
         super().__init__()
@@ -113,6 +119,7 @@ class LowRankKFACCallback(Callback):
         opt.one_of("likelihood", likelihood, LIKELIHOODS)
         opt.one_of("loss_reduction", loss_reduction, opt.LOSS_REDUCTIONS)
         opt.one_of("factor_dtype", factor_dtype, tuple(opt.FACTOR_DTYPES))
+        opt.one_of("work_distribution", work_distribution, WORK_MODES)
         self.rank = rank
         self.oversampling = oversampling
         self.damping = float(damping)
@@ -132,6 +139,7 @@ class LowRankKFACCallback(Callback):
         self.loss_reduction = loss_reduction
         self.factor_dtype = opt.FACTOR_DTYPES[factor_dtype]
         self.seed = seed
+        self.work_distribution = work_distribution
         self.log_stats = log_stats
 
         self.layers: list[KFACLayer] = []
@@ -141,6 +149,8 @@ class LowRankKFACCallback(Callback):
         self.mc_generator: torch.Generator | None = None
         self.skipped_updates: Tensor | None = None
         self._pending_state: dict[str, Any] | None = None
+        self.comm = Communicator()
+        self.owners: list[int] = []
 
     # -- discovery ------------------------------------------------------------------
     def select_layers(self, model: nn.Module) -> list[KFACLayer]:
@@ -208,6 +218,11 @@ class LowRankKFACCallback(Callback):
                 self.generator,
                 self.factor_dtype,
             )
+        self.comm = Communicator.from_default_group()
+        if self.work_distribution == "layerwise":
+            self.owners = balanced_owners([layer.work_cost() for layer in self.layers], self.comm.world_size)
+        else:
+            self.owners = [self.comm.rank] * len(self.layers)
         device = self.layers[0].weight.device
         self.skipped_updates = torch.zeros((), dtype=torch.int64, device=device)
         if self.fisher_type == "mc":
@@ -272,6 +287,10 @@ class LowRankKFACCallback(Callback):
         ``step_valid`` (a bool tensor) is False when the AMP scaler found inf/NaN gradients and
         skips the optimizer step: then no layer folds, so the step leaves no trace in the curvature.
         """
+        # One flat all-reduce of every pending sum: each rank then folds the global batch.
+        # Every rank runs the same number of micro-batches (Lightning's DistributedSampler).
+        self.comm.all_reduce_sum([t for layer in self.layers for f in layer.factors for t in f.pending_tensors()])
+        world_size = self.comm.world_size
         for layer in self.layers:
             a_factor, b_factor = layer.factors
             if a_factor.pending_count == 0 or b_factor.pending_count == 0:
@@ -281,45 +300,74 @@ class LowRankKFACCallback(Callback):
             if step_valid is not None:
                 valid = valid & step_valid
             self.skipped_updates += (~valid).to(self.skipped_updates.dtype)
-            a_factor.fold(self.factor_decay, valid)
-            b_factor.fold(self.factor_decay, valid)
+            a_factor.fold(self.factor_decay, valid, a_factor.pending_count * world_size)
+            b_factor.fold(self.factor_decay, valid, b_factor.pending_count * world_size)
 
     def bases_ready(self) -> bool:
         """True once every factor has an eigen-approximation to precondition with."""
         return all(factor.refreshed for layer in self.layers for factor in layer.factors)
 
+    def owns(self, index: int) -> bool:
+        """Whether this rank does layer ``index``'s refresh and preconditioning."""
+        return self.owners[index] == self.comm.rank
+
     def refresh_bases(self) -> None:
-        for layer in self.layers:
-            for factor in layer.factors:
-                if factor.initialized:
+        """Refresh the factors of the owned layers; under layerwise work, owners broadcast the new bases."""
+        groups = []
+        for index, layer in enumerate(self.layers):
+            factors = [factor for factor in layer.factors if factor.initialized]
+            if self.owns(index):
+                for factor in factors:
                     factor.refresh()
+            groups.append([t for factor in factors for t in factor.basis_tensors()])
+        if self.work_distribution == "layerwise" and self.comm.active:
+            self.comm.broadcast_from_owners(groups, self.owners, kind="bases")
+            for index, layer in enumerate(self.layers):
+                if not self.owns(index):
+                    for factor in layer.factors:
+                        factor.refreshed = factor.refreshed or factor.initialized
 
     def precondition(self, learning_rate: float) -> None:
-        """Replace each handled gradient by (B + δ_B)⁻¹ G (A + δ_A)⁻¹, then apply the optional KL clip."""
-        results: list[tuple[KFACLayer, Tensor, Tensor | None]] = []
-        vg_sum = None
-        for layer in self.layers:
+        """Replace each handled gradient by (B + δ_B)⁻¹ G (A + δ_A)⁻¹, then apply the optional KL clip.
+
+        Under layerwise work each owner computes its layers' directions and broadcasts them;
+        the KL clip then sums over all layers on every rank, so every rank takes the same step.
+        """
+        work: list[tuple[int, list[Tensor], list[Tensor]]] = []
+        for index, layer in enumerate(self.layers):
             grad = layer.grad_matrix()
             if grad is None:
                 continue
-            a_factor, b_factor = layer.factors
-            damping_a, damping_b = pi_damping(self.damping, a_factor.trace, a_factor.dim, b_factor.trace, b_factor.dim)
-            grad32 = grad.to(self.factor_dtype)
-            natural = b_factor.inverse_left(a_factor.inverse_right(grad32, damping_a), damping_b)
             bias = layer.separate_bias_grad()
-            natural_bias = None if bias is None else b_factor.inverse_left(bias.to(self.factor_dtype), damping_b)
-            if self.kl_clip is not None:
-                product = (natural * grad32).sum()
-                if natural_bias is not None:
-                    product = product + (natural_bias * bias.to(self.factor_dtype)).sum()
-                vg_sum = product if vg_sum is None else vg_sum + product
-            results.append((layer, natural, natural_bias))
-        scale = None if vg_sum is None else kl_clip_scale(self.kl_clip, learning_rate, vg_sum)
-        for layer, natural, natural_bias in results:
+            grads = [grad.to(self.factor_dtype)] + ([] if bias is None else [bias.to(self.factor_dtype)])
+            if self.owns(index):
+                naturals = self.natural_gradient(layer, grads)
+            else:
+                naturals = [torch.empty_like(g) for g in grads]
+            work.append((index, grads, naturals))
+        if self.work_distribution == "layerwise" and self.comm.active:
+            self.comm.broadcast_from_owners(
+                [naturals for _, _, naturals in work], [self.owners[index] for index, _, _ in work], kind="gradients"
+            )
+        scale = None
+        if self.kl_clip is not None and work:
+            vg_sum = sum(
+                (natural * grad).sum() for _, grads, naturals in work for grad, natural in zip(grads, naturals)
+            )
+            scale = kl_clip_scale(self.kl_clip, learning_rate, vg_sum)
+        for index, _, naturals in work:
             if scale is not None:
-                natural = natural * scale
-                natural_bias = None if natural_bias is None else natural_bias * scale
-            layer.write_grads(natural, natural_bias)
+                naturals = [natural * scale for natural in naturals]
+            self.layers[index].write_grads(naturals[0], naturals[1] if len(naturals) > 1 else None)
+
+    def natural_gradient(self, layer: KFACLayer, grads: list[Tensor]) -> list[Tensor]:
+        """[(B + δ_B)⁻¹ G (A + δ_A)⁻¹] and, for a separate bias block, [(B + δ_B)⁻¹ g_b]."""
+        a_factor, b_factor = layer.factors
+        damping_a, damping_b = pi_damping(self.damping, a_factor.trace, a_factor.dim, b_factor.trace, b_factor.dim)
+        naturals = [b_factor.inverse_left(a_factor.inverse_right(grads[0], damping_a), damping_b)]
+        if len(grads) > 1:
+            naturals.append(b_factor.inverse_left(grads[1], damping_b))
+        return naturals
 
     # -- helpers --------------------------------------------------------------------------
     def _per_example_grad_multiplier(self, trainer: pl.Trainer, examples: float) -> float:

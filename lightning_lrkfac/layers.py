@@ -69,6 +69,11 @@ class KFACLayer:
         assert self.a_factor is not None and self.b_factor is not None, "build_factors() first"
         return self.a_factor, self.b_factor
 
+    def work_cost(self) -> float:
+        """Rough flops of one refresh plus one preconditioning of this layer (to balance ranks)."""
+        (a_refresh, a_width), (b_refresh, b_width) = (factor.work() for factor in self.factors)
+        return a_refresh + b_refresh + float(self.out_dim * self.in_dim) * (a_width + b_width)
+
     # -- rows of the statistics -------------------------------------------------------
     def input_rows(self, inputs: Tensor) -> Tensor:
         """Layer inputs as rows (samples × in'): Conv2d via im2col, one row per output location."""

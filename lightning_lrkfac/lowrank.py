@@ -92,6 +92,14 @@ class KroneckerFactor(ABC):
     def captured_trace(self) -> Tensor:
         """Share of tr F that the kept eigenpairs represent (1 in exact mode)."""
 
+    @abstractmethod
+    def basis_tensors(self) -> list[Tensor]:
+        """What a refresh writes, in a fixed order and fixed shapes: copied in place on other ranks."""
+
+    @abstractmethod
+    def work(self) -> tuple[float, int]:
+        """(flops of a refresh, width of the inverse apply): the cost model for spreading layers over ranks."""
+
     def inverse_right(self, matrix: Tensor, damping: Tensor) -> Tensor:
         """X ↦ X (F̃ + δI)⁻¹ with F̃ the factor's current approximation."""
         return eig_inverse_right(matrix, self.eigenvectors, self.eigenvalues, damping, self.tail)
@@ -149,6 +157,12 @@ class DenseFactor(KroneckerFactor):
     def captured_trace(self) -> Tensor:
         return torch.ones((), device=self.device, dtype=self.dtype)
 
+    def basis_tensors(self) -> list[Tensor]:
+        return [self.eigenvectors, self.eigenvalues]
+
+    def work(self) -> tuple[float, int]:
+        return float(self.dim) ** 3, self.dim
+
 
 class SketchedFactor(KroneckerFactor):
     """Shared sketch machinery of the two low-rank factors: V, Y = F·V and their pending sum."""
@@ -180,6 +194,13 @@ class SketchedFactor(KroneckerFactor):
     def _state(self) -> list[Tensor]:
         return [self.sketch]
 
+    def basis_tensors(self) -> list[Tensor]:
+        """The eigenvectors are the first columns of ``test``, so they travel with it."""
+        return [self.test, self.sketch, self.eigenvalues]
+
+    def work(self) -> tuple[float, int]:
+        return float(self.dim) * self.test.shape[1] ** 2, self.rank
+
 
 class LowRankFactor(SketchedFactor):
     """A ≈ U Λ Uᵀ (top-k eigenpairs), optionally + σ(I − UUᵀ) for the dropped tail of the trace."""
@@ -209,6 +230,9 @@ class LowRankFactor(SketchedFactor):
 
     def captured_trace(self) -> Tensor:
         return self.eigenvalues.sum() / self.trace.clamp_min(torch.finfo(self.dtype).tiny)
+
+    def basis_tensors(self) -> list[Tensor]:
+        return [*super().basis_tensors(), self.tail]
 
 
 class DiagPlusLowRankFactor(SketchedFactor):

@@ -1,0 +1,92 @@
+"""Data parallelism: 2 gloo ranks launched by Lightning's DDP strategy vs one process with the global batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_lrkfac.distributed import balanced_owners
+
+SCRIPT = Path(__file__).with_name("ddp_run.py")
+STEPS = 6
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(out: Path, *args: str) -> dict[int, dict]:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONWARNINGS="ignore")
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), "--steps", str(STEPS), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {int(p.stem[4:]): torch.load(p) for p in sorted(out.glob("rank*.pt"))}
+
+
+def max_relative_difference(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in b)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, dict[int, dict]]:
+    root = tmp_path_factory.mktemp("ddp")
+    return {
+        "single_lowrank": run(root / "single_lowrank", "--devices", "1"),
+        "single_exact": run(root / "single_exact", "--devices", "1", "--rank", "128"),
+        "ddp_lowrank_layerwise": run(root / "ddp_lowrank_layerwise", "--work", "layerwise"),
+        "ddp_lowrank_layerwise_again": run(root / "ddp_lowrank_layerwise_again", "--work", "layerwise"),
+        "ddp_lowrank_replicate": run(root / "ddp_lowrank_replicate", "--work", "replicate"),
+        "ddp_exact_layerwise": run(root / "ddp_exact_layerwise", "--rank", "128", "--work", "layerwise"),
+    }
+
+
+@pytest.mark.parametrize("name", ["ddp_lowrank_layerwise", "ddp_lowrank_replicate", "ddp_exact_layerwise"])
+def test_ranks_end_identical_and_equal_to_one_process_with_the_global_batch(runs, name):
+    ranks = runs[name]
+    assert sorted(ranks) == [0, 1] and ranks[0]["world_size"] == 2
+    for key, value in ranks[0]["parameters"].items():
+        assert torch.equal(value, ranks[1]["parameters"][key]), key
+    single = runs["single_exact" if "exact" in name else "single_lowrank"][0]["parameters"]
+    assert max_relative_difference(ranks[0]["parameters"], single) < 1e-4
+    # The comparison has power: low-rank and exact K-FAC end far apart after these steps.
+    assert max_relative_difference(runs["single_lowrank"][0]["parameters"], runs["single_exact"][0]["parameters"]) > 0.1
+
+
+def test_ddp_run_is_deterministic_for_a_fixed_seed(runs):
+    first, again = runs["ddp_lowrank_layerwise"][0]["parameters"], runs["ddp_lowrank_layerwise_again"][0]["parameters"]
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_layerwise_work_spreads_layers_and_communicates_sketches_not_matrices(runs):
+    ranks = runs["ddp_lowrank_layerwise"]
+    owners = ranks[0]["owners"]
+    assert owners == ranks[1]["owners"] and set(owners) == {0, 1}
+    assert [kinds for _, *kinds in ranks[0]["layers"]] == [["LowRankFactor", "DiagPlusLowRankFactor"]] * 3
+    # Statistics: one flat float32 all-reduce of every pending sketch/diag/trace per step: O(k·d), not O(d²).
+    sent = ranks[0]["bytes"]["statistics"]
+    assert sent == STEPS * ranks[0]["pending_numel"] * 4
+    dense_factor_floats = (65**2 + 32**2) + (33**2 + 32**2) + (33**2 + 10**2)  # A, B of the 64-32-32-10 MLP
+    assert ranks[0]["pending_numel"] < 0.3 * dense_factor_floats
+    # Each rank broadcast the bases and gradients of the layers it owns; replicate mode sends none.
+    for rank in (0, 1):
+        assert ranks[rank]["bytes"]["bases"] > 0 and ranks[rank]["bytes"]["gradients"] > 0
+    assert set(runs["ddp_lowrank_replicate"][0]["bytes"]) == {"statistics"}
+
+
+def test_balanced_owners_is_greedy_largest_first():
+    assert balanced_owners([5.0, 1.0, 4.0, 3.0, 3.0], 2) == [0, 1, 1, 1, 0]  # 5|4, 5|7, 8|7, 8|8
+    assert balanced_owners([1.0, 1.0, 1.0], 3) == [0, 1, 2]
+    assert balanced_owners([2.0, 1.0], 1) == [0, 0]
