@@ -70,7 +70,13 @@ def main() -> None:
     ax.plot(ks, [r["statistics_MB"] for r in rows], marker="o", label="low-rank sketches (this callback)")
     ax.plot(ks, [r["dense_factors_MB"] for r in rows], marker="s", label="dense factors all-reduce")
     ax.plot(ks, [r["ddp_gradient_allreduce_MB"] for r in rows], ls="--", label="DDP's own gradient all-reduce")
-    ax.set(xscale="log", yscale="log", xlabel="rank k", ylabel="MB per step per rank", title="ResNet-18 curvature communication")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="rank k",
+        ylabel="MB per step per rank",
+        title="ResNet-18 curvature communication",
+    )
     ax.legend()
     figure.tight_layout()
     figure.savefig(RESULTS / "communication.png", dpi=120)

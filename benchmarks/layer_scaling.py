@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from lightning_lrkfac.layers import KFACLayer
-from lightning_lrkfac.preconditioner import pi_damping
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -41,8 +40,8 @@ def one_step(layer: KFACLayer, a_rows: torch.Tensor, g_rows: torch.Tensor, grad:
     b_factor.fold(0.95, valid)
     a_factor.refresh()
     b_factor.refresh()
-    damping_a, damping_b = pi_damping(1e-3, a_factor.trace, a_factor.dim, b_factor.trace, b_factor.dim)
-    return b_factor.inverse_left(a_factor.inverse_right(grad, damping_a), damping_b)
+    layer.prepare_inverses(1e-3)
+    return layer.precondition([grad])[0]
 
 
 def measure(dim: int, rank: int, batch: int, device: torch.device, repeats: int) -> dict[str, float]:

@@ -18,7 +18,7 @@ from .distributed import WORK_MODES, Communicator, balanced_owners
 from .fisher import LIKELIHOODS, sampled_negative_log_likelihood
 from .layers import BIAS_MODES, KFACLayer
 from .lowrank import DiagPlusLowRankFactor
-from .preconditioner import kl_clip_scale, pi_damping
+from .preconditioner import kl_clip_scale
 
 STATE_VERSION = 1
 
@@ -319,6 +319,8 @@ class LowRankKFACCallback(Callback):
             if self.owns(index):
                 for factor in factors:
                     factor.refresh()
+                if all(factor.refreshed for factor in layer.factors):
+                    layer.prepare_inverses(self.damping)
             groups.append([t for factor in factors for t in factor.basis_tensors()])
         if self.work_distribution == "layerwise" and self.comm.active:
             self.comm.broadcast_from_owners(groups, self.owners, kind="bases")
@@ -341,7 +343,7 @@ class LowRankKFACCallback(Callback):
             bias = layer.separate_bias_grad()
             grads = [grad.to(self.factor_dtype)] + ([] if bias is None else [bias.to(self.factor_dtype)])
             if self.owns(index):
-                naturals = self.natural_gradient(layer, grads)
+                naturals = layer.precondition(grads)
             else:
                 naturals = [torch.empty_like(g) for g in grads]
             work.append((index, grads, naturals))
@@ -359,15 +361,6 @@ class LowRankKFACCallback(Callback):
             if scale is not None:
                 naturals = [natural * scale for natural in naturals]
             self.layers[index].write_grads(naturals[0], naturals[1] if len(naturals) > 1 else None)
-
-    def natural_gradient(self, layer: KFACLayer, grads: list[Tensor]) -> list[Tensor]:
-        """[(B + δ_B)⁻¹ G (A + δ_A)⁻¹] and, for a separate bias block, [(B + δ_B)⁻¹ g_b]."""
-        a_factor, b_factor = layer.factors
-        damping_a, damping_b = pi_damping(self.damping, a_factor.trace, a_factor.dim, b_factor.trace, b_factor.dim)
-        naturals = [b_factor.inverse_left(a_factor.inverse_right(grads[0], damping_a), damping_b)]
-        if len(grads) > 1:
-            naturals.append(b_factor.inverse_left(grads[1], damping_b))
-        return naturals
 
     # -- helpers --------------------------------------------------------------------------
     def _per_example_grad_multiplier(self, trainer: pl.Trainer, examples: float) -> float:

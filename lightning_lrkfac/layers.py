@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .lowrank import DenseFactor, DiagPlusLowRankFactor, KroneckerFactor, LowRankFactor
+from .preconditioner import pi_damping
 
 BIAS_MODES = ("augment", "separate")
 
@@ -68,6 +69,21 @@ class KFACLayer:
     def factors(self) -> tuple[KroneckerFactor, KroneckerFactor]:
         assert self.a_factor is not None and self.b_factor is not None, "build_factors() first"
         return self.a_factor, self.b_factor
+
+    def prepare_inverses(self, damping: float) -> None:
+        """Split λ by π-damping at the current traces and prepare both factors' damped inverses."""
+        a_factor, b_factor = self.factors
+        damping_a, damping_b = pi_damping(damping, a_factor.trace, a_factor.dim, b_factor.trace, b_factor.dim)
+        a_factor.prepare_inverse(damping_a)
+        b_factor.prepare_inverse(damping_b)
+
+    def precondition(self, grads: list[Tensor]) -> list[Tensor]:
+        """[(B + δ_B)⁻¹ G (A + δ_A)⁻¹] and, for a separate bias block, [(B + δ_B)⁻¹ g_b]."""
+        a_factor, b_factor = self.factors
+        naturals = [b_factor.inverse_left(a_factor.inverse_right(grads[0]))]
+        if len(grads) > 1:
+            naturals.append(b_factor.inverse_left(grads[1]))
+        return naturals
 
     def work_cost(self) -> float:
         """Rough flops of one refresh plus one preconditioning of this layer (to balance ranks)."""

@@ -9,7 +9,7 @@ from torch import Tensor
 def random_orthonormal(dim: int, cols: int, generator: torch.Generator, device, dtype) -> Tensor:
     """A dim×cols matrix with orthonormal columns, drawn on the CPU generator for reproducibility."""
     gaussian = torch.randn(dim, cols, generator=generator, dtype=torch.float64)
-    return torch.linalg.qr(gaussian)[0].to(device=device, dtype=dtype)
+    return torch.linalg.qr(gaussian)[0].to(device=device, dtype=dtype).contiguous()  # row-major, as after a refresh
 
 
 def nystrom_eigh(test: Tensor, sketch: Tensor) -> tuple[Tensor, Tensor]:
@@ -48,4 +48,4 @@ def safe_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
 def symmetric_eigh_desc(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a symmetric matrix with eigenvalues in descending order."""
     values, vectors = safe_eigh(matrix)
-    return values.flip(-1), vectors.flip(-1)
+    return values.flip(-1), vectors.flip(-1).contiguous()  # row-major, the layout a restored checkpoint has

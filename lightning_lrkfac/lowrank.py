@@ -39,6 +39,8 @@ class KroneckerFactor(ABC):
         self.pending_count = 0
         self.initialized = False
         self.refreshed = False
+        #: Damping δ of the prepared inverse (F̃ + δI)⁻¹, fixed between refreshes.
+        self.inverse_damping = torch.zeros((), device=device, dtype=dtype)
 
     # -- statistics -----------------------------------------------------------------
     def accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
@@ -100,13 +102,17 @@ class KroneckerFactor(ABC):
     def work(self) -> tuple[float, int]:
         """(flops of a refresh, width of the inverse apply): the cost model for spreading layers over ranks."""
 
-    def inverse_right(self, matrix: Tensor, damping: Tensor) -> Tensor:
-        """X ↦ X (F̃ + δI)⁻¹ with F̃ the factor's current approximation."""
-        return eig_inverse_right(matrix, self.eigenvectors, self.eigenvalues, damping, self.tail)
+    def prepare_inverse(self, damping: Tensor) -> None:
+        """Fix δ and precompute what applying (F̃ + δI)⁻¹ needs; called after each refresh, not per step."""
+        self.inverse_damping = damping.to(self.dtype)
 
-    def inverse_left(self, matrix: Tensor, damping: Tensor) -> Tensor:
+    def inverse_right(self, matrix: Tensor) -> Tensor:
+        """X ↦ X (F̃ + δI)⁻¹ with F̃ the approximation and δ the damping of the last :meth:`prepare_inverse`."""
+        return eig_inverse_right(matrix, self.eigenvectors, self.eigenvalues, self.inverse_damping, self.tail)
+
+    def inverse_left(self, matrix: Tensor) -> Tensor:
         """X ↦ (F̃ + δI)⁻¹ X."""
-        return eig_inverse_left(matrix, self.eigenvectors, self.eigenvalues, damping, self.tail)
+        return eig_inverse_left(matrix, self.eigenvectors, self.eigenvalues, self.inverse_damping, self.tail)
 
     # -- checkpointing ----------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:
@@ -257,15 +263,29 @@ class DiagPlusLowRankFactor(SketchedFactor):
         self.diag = torch.zeros(dim, device=device, dtype=dtype)
         self.pending_diag = torch.zeros_like(self.diag)
         self.repairs = torch.zeros((), device=device, dtype=torch.int64)
+        # The prepared Woodbury operator, kept as tensors so that checkpoints carry it exactly.
+        self.inverse_diag = torch.zeros(dim, device=device, dtype=dtype)
+        self.inverse_scaled_basis = torch.zeros(dim, rank, device=device, dtype=dtype)
+        self.inverse_core = torch.zeros(rank, rank, device=device, dtype=dtype)
 
-    def inverse_left(self, matrix: Tensor, damping: Tensor) -> Tensor:
-        """(diag B + δI + V M Vᵀ)⁻¹ X by Woodbury, SPD-guarded; repairs are counted."""
-        inverse = DiagPlusLowRankInverse.build(self.diag, self.eigenvectors, self.eigenvalues, damping)
+    def prepare_inverse(self, damping: Tensor) -> None:
+        """Build the SPD-guarded Woodbury operator at the current diag B, once per refresh; repairs are counted."""
+        super().prepare_inverse(damping)
+        inverse = DiagPlusLowRankInverse.build(self.diag, self.eigenvectors, self.eigenvalues, self.inverse_damping)
+        self.inverse_diag, self.inverse_scaled_basis, self.inverse_core = (
+            inverse.inverse_diag,
+            inverse.scaled_basis,
+            inverse.core,
+        )
         self.repairs += inverse.repaired
+
+    def inverse_left(self, matrix: Tensor) -> Tensor:
+        """(diag B + δI + V M Vᵀ)⁻¹ X by Woodbury, as prepared at the last refresh."""
+        inverse = DiagPlusLowRankInverse(self.inverse_scaled_basis, self.inverse_core, self.inverse_diag, self.repairs)
         return inverse.apply_left(matrix)
 
-    def inverse_right(self, matrix: Tensor, damping: Tensor) -> Tensor:
-        return self.inverse_left(matrix.mT, damping).mT
+    def inverse_right(self, matrix: Tensor) -> Tensor:
+        return self.inverse_left(matrix.mT).mT
 
     def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
         super()._accumulate(rows, weight)

@@ -1,0 +1,79 @@
+"""Lightning runs for the benchmarks: a step timer and a test-accuracy target tracker."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+
+class StepTimer(pl.Callback):
+    """Wall time of each training step (forward, backward, callback work, optimizer), CUDA-synchronised."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    @staticmethod
+    def _sync(pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._sync(pl_module)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync(pl_module)
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+class TargetTracker(StepTimer):
+    """Every ``every`` steps, test accuracy on the whole test set (not timed); stops at ``target``.
+
+    Records the optimizer steps and the training wall time (sum of step times) to reach the target,
+    and the best test accuracy seen.
+    """
+
+    def __init__(self, test_x: torch.Tensor, test_y: torch.Tensor, target: float, every: int) -> None:
+        super().__init__()
+        self.test_x, self.test_y, self.target, self.every = test_x, test_y, target, every
+        self.best = 0.0
+        self.steps_to_target: int | None = None
+        self.seconds_to_target: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step % self.every:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            logits = pl_module(self.test_x.to(pl_module.device))
+            accuracy = float((logits.argmax(-1).cpu() == self.test_y).float().mean())
+        pl_module.train(was_training)
+        self.best = max(self.best, accuracy)
+        if accuracy >= self.target and self.steps_to_target is None:
+            self.steps_to_target = trainer.global_step
+            self.seconds_to_target = sum(self.seconds)
+            trainer.should_stop = True
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    options: dict[str, Any] = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        devices=1,
+    )
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def tensors(dataset: torch.utils.data.TensorDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    return dataset.tensors[0], dataset.tensors[1]
