@@ -78,12 +78,16 @@ class KFACLayer:
         b_factor.prepare_inverse(damping_b)
 
     def precondition(self, grads: list[Tensor]) -> list[Tensor]:
-        """[(B + δ_B)⁻¹ G (A + δ_A)⁻¹] and, for a separate bias block, [(B + δ_B)⁻¹ g_b]."""
+        """[(B + δ_B)⁻¹ G (A + δ_A)⁻¹] and, for a separate bias block, [(B + δ_B)⁻¹ g_b].
+
+        Contiguous, like the buffers other ranks receive them in: a sum over them then runs
+        in the same order on every rank (the KL clip), so the ranks stay bitwise identical.
+        """
         a_factor, b_factor = self.factors
         naturals = [b_factor.inverse_left(a_factor.inverse_right(grads[0]))]
         if len(grads) > 1:
             naturals.append(b_factor.inverse_left(grads[1]))
-        return naturals
+        return [natural.contiguous() for natural in naturals]
 
     def work_cost(self) -> float:
         """Rough flops of one refresh plus one preconditioning of this layer (to balance ranks)."""
