@@ -1,5 +1,6 @@
 """Cost of one curvature update + basis refresh + preconditioning for one Linear layer,
-low-rank vs dense (exact mode), measured side by side; plus the bytes of curvature state.
+low-rank vs dense (this package's exact mode, and asdl's KfacGradientMaker), measured side by side;
+plus the bytes of curvature state and, on CUDA, the peak memory of the step.
 
     python -m benchmarks.layer_scaling [--quick] [--device cuda]
 """
@@ -7,17 +8,12 @@ low-rank vs dense (exact mode), measured side by side; plus the bytes of curvatu
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
-from pathlib import Path
 
 import torch
 
 from lightning_lrkfac.layers import KFACLayer
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .common import RESULTS, device_record, median_seconds, pyplot, write_json
 
 
 def state_bytes(layer: KFACLayer) -> int:
@@ -50,17 +46,58 @@ def measure(dim: int, rank: int, batch: int, device: torch.device, repeats: int)
     layer.build_factors(rank, 8, 0, False, torch.Generator().manual_seed(0), torch.float32)
     a_rows, g_rows = torch.randn(batch, dim, device=device), torch.randn(batch, dim, device=device)
     grad = torch.randn(dim, dim, device=device)
-    times = []
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        one_step(layer, a_rows, g_rows, grad)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:  # the first call is warm-up
-            times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "state_bytes": state_bytes(layer)}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    seconds = median_seconds(lambda: one_step(layer, a_rows, g_rows, grad), device, repeats)
+    # Peak memory above what was allocated before the step (CUDA only; the CPU allocator is not tracked).
+    peak = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else None
+    return {"seconds": seconds, "state_bytes": state_bytes(layer), "peak_bytes": peak}
+
+
+def asdl_seconds(dim: int, batch: int, device: torch.device, repeats: int) -> float | None:
+    """asdl's dense K-FAC (KfacGradientMaker, curvature and inverse every step) on the same layer:
+    its forward_and_backward time minus a plain forward/backward, median of repeats."""
+    try:
+        import warnings
+
+        torch.cuda.nvtx.range = _NoNvtx if device.type != "cuda" else torch.cuda.nvtx.range
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import asdl
+    except ImportError:
+        return None
+    model = torch.nn.Sequential(torch.nn.Linear(dim, dim, bias=False)).to(device)
+    x, y = torch.randn(batch, dim, device=device), torch.randint(0, dim, (batch,), device=device)
+    config = asdl.PreconditioningConfig(damping=1e-3, data_size=batch)
+    maker = asdl.KfacGradientMaker(model, config, fisher_type="fisher_emp", loss_type="cross_entropy")
+
+    def kfac_step() -> None:
+        out = maker.setup_model_call(model, x)
+        maker.setup_loss_call(torch.nn.functional.cross_entropy, out, y)
+        maker.forward_and_backward()
+
+    def plain_step() -> None:
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+
+    return max(median_seconds(kfac_step, device, repeats) - median_seconds(plain_step, device, repeats), 0.0)
+
+
+class _NoNvtx:
+    """asdl wraps its calls in torch.cuda.nvtx.range, which raises on CPU-only torch builds."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def __call__(self, function):
+        return function
 
 
 def main() -> None:
@@ -74,7 +111,9 @@ def main() -> None:
     repeats, batch = (3, 128) if args.quick else (7, 256)
     rows = []
     for dim in dims:
-        dense = measure(dim, dim, batch, device, max(1, repeats // 3) if dim >= 4096 else repeats)
+        dense_repeats = max(1, repeats // 3) if dim >= 4096 else repeats
+        dense = measure(dim, dim, batch, device, dense_repeats)
+        asdl_s = asdl_seconds(dim, batch, device, dense_repeats)
         for rank in ranks:
             low = measure(dim, rank, batch, device, repeats)
             rows.append(
@@ -83,6 +122,10 @@ def main() -> None:
                     "k": rank,
                     "lowrank_s": low["seconds"],
                     "dense_s": dense["seconds"],
+                    "asdl_dense_s": asdl_s,
+                    "speedup_vs_asdl": None if asdl_s is None else asdl_s / low["seconds"],
+                    "lowrank_peak_bytes": low["peak_bytes"],
+                    "dense_peak_bytes": dense["peak_bytes"],
                     "speedup": dense["seconds"] / low["seconds"],
                     "lowrank_bytes": low["state_bytes"],
                     "dense_bytes": dense["state_bytes"],
@@ -91,25 +134,13 @@ def main() -> None:
             )
             r = rows[-1]
             print(
-                f"d={dim:5d} k={rank:3d}  low-rank {1e3 * r['lowrank_s']:9.2f} ms  dense {1e3 * r['dense_s']:10.2f} ms  speed-up {r['speedup']:7.1f}x  state {r['lowrank_bytes'] / 2**20:7.2f} MiB vs {r['dense_bytes'] / 2**20:8.2f} MiB ({r['memory_ratio']:.0f}x)",
+                f"d={dim:5d} k={rank:3d}  low-rank {1e3 * r['lowrank_s']:9.2f} ms  dense {1e3 * r['dense_s']:10.2f} ms  speed-up {r['speedup']:7.1f}x  asdl {1e3 * (asdl_s or 0):9.1f} ms ({r['speedup_vs_asdl'] or 0:.0f}x)  state {r['lowrank_bytes'] / 2**20:7.2f} MiB vs {r['dense_bytes'] / 2**20:8.2f} MiB ({r['memory_ratio']:.0f}x)",
                 flush=True,
             )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "batch": batch,
-    }
-    (RESULTS / "layer_scaling.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    meta = {**device_record(device), "batch": batch}
+    write_json("layer_scaling", meta, rows)
+    plt = pyplot()
+    if plt is None:
         return
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for rank in ranks:

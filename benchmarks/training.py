@@ -31,34 +31,38 @@ class StepTimer(pl.Callback):
 
 
 class TargetTracker(StepTimer):
-    """Every ``every`` steps, test accuracy on the whole test set (not timed); stops at ``target``.
+    """Every ``every`` steps and at the end, test accuracy on the whole test set (not timed).
 
-    Records the optimizer steps and the training wall time (sum of step times) to reach the target,
-    and the best test accuracy seen.
+    Records the optimizer steps and the training wall time (sum of step times) to first reach
+    ``target``, the best test accuracy seen and the final one. The run goes on to its end.
     """
 
     def __init__(self, test_x: torch.Tensor, test_y: torch.Tensor, target: float, every: int) -> None:
         super().__init__()
         self.test_x, self.test_y, self.target, self.every = test_x, test_y, target, every
-        self.best = 0.0
+        self.best = self.final = 0.0
         self.steps_to_target: int | None = None
         self.seconds_to_target: float | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if trainer.global_step % self.every:
-            return
+        if trainer.global_step % self.every == 0:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._evaluate(trainer, pl_module)
+
+    def _evaluate(self, trainer, pl_module) -> None:
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
             logits = pl_module(self.test_x.to(pl_module.device))
             accuracy = float((logits.argmax(-1).cpu() == self.test_y).float().mean())
         pl_module.train(was_training)
-        self.best = max(self.best, accuracy)
+        self.best, self.final = max(self.best, accuracy), accuracy
         if accuracy >= self.target and self.steps_to_target is None:
             self.steps_to_target = trainer.global_step
             self.seconds_to_target = sum(self.seconds)
-            trainer.should_stop = True
 
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:

@@ -264,24 +264,21 @@ class DiagPlusLowRankFactor(SketchedFactor):
         self.pending_diag = torch.zeros_like(self.diag)
         self.repairs = torch.zeros((), device=device, dtype=torch.int64)
         # The prepared Woodbury operator, kept as tensors so that checkpoints carry it exactly.
+        # (E⁻¹V is recomputed from them at apply time: O(d·k) work instead of d·k more state.)
         self.inverse_diag = torch.zeros(dim, device=device, dtype=dtype)
-        self.inverse_scaled_basis = torch.zeros(dim, rank, device=device, dtype=dtype)
         self.inverse_core = torch.zeros(rank, rank, device=device, dtype=dtype)
 
     def prepare_inverse(self, damping: Tensor) -> None:
         """Build the SPD-guarded Woodbury operator at the current diag B, once per refresh; repairs are counted."""
         super().prepare_inverse(damping)
         inverse = DiagPlusLowRankInverse.build(self.diag, self.eigenvectors, self.eigenvalues, self.inverse_damping)
-        self.inverse_diag, self.inverse_scaled_basis, self.inverse_core = (
-            inverse.inverse_diag,
-            inverse.scaled_basis,
-            inverse.core,
-        )
+        self.inverse_diag, self.inverse_core = inverse.inverse_diag, inverse.core
         self.repairs += inverse.repaired
 
     def inverse_left(self, matrix: Tensor) -> Tensor:
         """(diag B + δI + V M Vᵀ)⁻¹ X by Woodbury, as prepared at the last refresh."""
-        inverse = DiagPlusLowRankInverse(self.inverse_scaled_basis, self.inverse_core, self.inverse_diag, self.repairs)
+        scaled_basis = self.eigenvectors * self.inverse_diag[:, None]
+        inverse = DiagPlusLowRankInverse(scaled_basis, self.inverse_core, self.inverse_diag, self.repairs)
         return inverse.apply_left(matrix)
 
     def inverse_right(self, matrix: Tensor) -> Tensor:

@@ -1,0 +1,39 @@
+"""Run every benchmark: ``python -m benchmarks [--quick] [--only NAME ...]``.
+
+--quick (a few minutes on 2 CPU cores) shrinks sizes, grids and repeats; without it the
+scripts run their full settings (meant for a GPU). Each writes JSON and PNG to
+benchmarks/results/ and prints its table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+BENCHMARKS = {
+    "layer_scaling": True,  # value: whether the script takes --quick
+    "communication": False,
+    "step_overhead": True,
+    "approximation": False,
+    "time_to_accuracy": True,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=list(BENCHMARKS))
+    args = parser.parse_args()
+    for name in args.only:
+        print(f"\n=== benchmarks.{name} ===", flush=True)
+        started = time.perf_counter()
+        module = importlib.import_module(f"benchmarks.{name}")
+        sys.argv = [name] + (["--quick"] if args.quick and BENCHMARKS[name] else [])
+        module.main()
+        print(f"=== {name}: {time.perf_counter() - started:.0f} s ===", flush=True)
+
+
+if __name__ == "__main__":
+    main()
