@@ -10,13 +10,15 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from . import options as opt
 from .capture import ActivationCapture
+from .coverage import coverage_rows, format_coverage
 from .distributed import WORK_MODES, Communicator, balanced_owners
 from .fisher import LIKELIHOODS, sampled_negative_log_likelihood
-from .layers import BIAS_MODES, KFACLayer
+from .layers import BIAS_MODES, WEIGHT_SHARING, KFACLayer
 from .lowrank import DiagPlusLowRankFactor
 from .preconditioner import kl_clip_scale
 
@@ -44,6 +46,9 @@ class LowRankKFACCallback(Callback):
         kl_clip: rescale the step so that η² Σ⟨P, G⟩ ≤ kl_clip (Ba et al. 2017); ``None`` disables.
             The default, as in kfac-pytorch, keeps early steps from diverging.
         isotropic_tail: give A's dropped spectrum back as σ(I − UUᵀ), σ = mean tail eigenvalue.
+        weight_sharing: for Linear layers on inputs (batch, positions…, features): ``"expand"``
+            (every position is an example) or ``"reduce"`` (average inputs and sum output
+            gradients over the positions first); Eschenhagen et al. 2023.
         bias_mode: ``"augment"`` (bias as an extra input column, one block) or
             ``"separate"`` (bias gets B⁻¹ g_b, asdl's convention).
         dense_threshold: also keep factors of size ≤ this dense.
@@ -78,6 +83,7 @@ class LowRankKFACCallback(Callback):
         kl_clip: float | None = 1e-3,
         isotropic_tail: bool = False,
         bias_mode: str = "augment",
+        weight_sharing: str = "expand",
         dense_threshold: int = 0,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
@@ -106,6 +112,7 @@ class LowRankKFACCallback(Callback):
         if kl_clip is not None:
             opt.positive_float("kl_clip", kl_clip)
         opt.one_of("bias_mode", bias_mode, BIAS_MODES)
+        opt.one_of("weight_sharing", weight_sharing, WEIGHT_SHARING)
         opt.non_negative_int("dense_threshold", dense_threshold)
         opt.patterns("include", include)
         opt.patterns("exclude", exclude)
@@ -130,6 +137,7 @@ class LowRankKFACCallback(Callback):
         self.kl_clip = None if kl_clip is None else float(kl_clip)
         self.isotropic_tail = isotropic_tail
         self.bias_mode = bias_mode
+        self.weight_sharing = weight_sharing
         self.dense_threshold = dense_threshold
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude or [])
@@ -144,6 +152,7 @@ class LowRankKFACCallback(Callback):
 
         self.layers: list[KFACLayer] = []
         self.skipped_modules: dict[str, str] = {}
+        self.coverage: list[dict[str, Any]] = []
         self.capture: ActivationCapture | None = None
         self.generator = torch.Generator().manual_seed(seed)
         self.mc_generator: torch.Generator | None = None
@@ -156,6 +165,12 @@ class LowRankKFACCallback(Callback):
     def select_layers(self, model: nn.Module) -> list[KFACLayer]:
         """The Linear/Conv2d modules this callback preconditions; the reasons for the rest go to ``skipped_modules``."""
         layers, self.skipped_modules = [], {}
+        # nn.MultiheadAttention passes out_proj's weight to a functional call: its forward never runs.
+        functional = {
+            f"{name}.out_proj" if name else "out_proj"
+            for name, module in model.named_modules()
+            if isinstance(module, nn.MultiheadAttention)
+        }
         for name, module in model.named_modules():
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 continue
@@ -163,12 +178,14 @@ class LowRankKFACCallback(Callback):
                 continue
             if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
                 self.skipped_modules[name] = "excluded"
+            elif name in functional:
+                self.skipped_modules[name] = "weight used functionally by nn.MultiheadAttention"
             elif not module.weight.requires_grad:
                 self.skipped_modules[name] = "frozen weight"
             elif isinstance(module, nn.Conv2d) and module.groups != 1:
                 self.skipped_modules[name] = f"groups={module.groups} (only groups=1 is handled)"
             else:
-                layers.append(KFACLayer(name, module, self.bias_mode))
+                layers.append(KFACLayer(name, module, self.bias_mode, self.weight_sharing))
         return layers
 
     # -- Lightning hooks --------------------------------------------------------------
@@ -223,6 +240,8 @@ class LowRankKFACCallback(Callback):
             self.owners = balanced_owners([layer.work_cost() for layer in self.layers], self.comm.world_size)
         else:
             self.owners = [self.comm.rank] * len(self.layers)
+        self.coverage = coverage_rows(pl_module, self.layers, self.skipped_modules)
+        rank_zero_info(format_coverage(self.coverage))
         device = self.layers[0].weight.device
         self.skipped_updates = torch.zeros((), dtype=torch.int64, device=device)
         if self.fisher_type == "mc":
@@ -269,9 +288,9 @@ class LowRankKFACCallback(Callback):
         step = trainer.global_step
         if self.factor_update_due(step):
             self.fold_statistics(self._scaler_found_no_inf(trainer, optimizer))
-        if step % self.basis_update_interval == 0 or not self.bases_ready():
+        if step % self.basis_update_interval == 0 or self.bases_pending():
             self.refresh_bases()
-        applied = step >= self.warmup_steps and self.bases_ready()
+        applied = step >= self.warmup_steps and any(layer.ready for layer in self.layers)
         if applied:
             self.precondition(learning_rate=optimizer.param_groups[0]["lr"])
         if self.log_stats:
@@ -305,7 +324,11 @@ class LowRankKFACCallback(Callback):
 
     def bases_ready(self) -> bool:
         """True once every factor has an eigen-approximation to precondition with."""
-        return all(factor.refreshed for layer in self.layers for factor in layer.factors)
+        return all(layer.ready for layer in self.layers)
+
+    def bases_pending(self) -> bool:
+        """True while some factor has statistics but no eigen-approximation yet (refresh it now)."""
+        return any(factor.initialized and not factor.refreshed for layer in self.layers for factor in layer.factors)
 
     def owns(self, index: int) -> bool:
         """Whether this rank does layer ``index``'s refresh and preconditioning."""
@@ -338,7 +361,7 @@ class LowRankKFACCallback(Callback):
         work: list[tuple[int, list[Tensor], list[Tensor]]] = []
         for index, layer in enumerate(self.layers):
             grad = layer.grad_matrix()
-            if grad is None:
+            if grad is None or not layer.ready:  # no statistics yet (e.g. never called): plain gradient
                 continue
             bias = layer.separate_bias_grad()
             grads = [grad.to(self.factor_dtype)] + ([] if bias is None else [bias.to(self.factor_dtype)])
@@ -425,6 +448,7 @@ class LowRankKFACCallback(Callback):
             "oversampling": self.oversampling,
             "bias_mode": self.bias_mode,
             "dense_threshold": self.dense_threshold,
+            "weight_sharing": self.weight_sharing,
             "factor_dtype": str(self.factor_dtype),
             "fisher_type": self.fisher_type,
         }

@@ -11,6 +11,7 @@ from .lowrank import DenseFactor, DiagPlusLowRankFactor, KroneckerFactor, LowRan
 from .preconditioner import pi_damping
 
 BIAS_MODES = ("augment", "separate")
+WEIGHT_SHARING = ("expand", "reduce")
 
 
 class KFACLayer:
@@ -19,13 +20,20 @@ class KFACLayer:
     ``bias_mode="augment"`` appends a column of ones to the inputs, so weight and bias share
     one Kronecker block (Martens & Grosse 2015, kfac-pytorch). ``"separate"`` gives the bias
     its own block B⁻¹ g_b, the convention of asdl.
+
+    A Linear applied to inputs (batch, shared…, features) shares its weight over the
+    middle dimensions (sequence positions…). ``weight_sharing="expand"`` treats every position
+    as an example; ``"reduce"`` first averages the inputs and sums the output gradients over
+    the shared dimensions, one row per example (K-FAC-expand / -reduce, Eschenhagen et al.
+    2023). The batch must be the first dimension. Conv2d always expands over locations.
     """
 
-    def __init__(self, name: str, module: nn.Module, bias_mode: str) -> None:
+    def __init__(self, name: str, module: nn.Module, bias_mode: str, weight_sharing: str = "expand") -> None:
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"KFACLayer handles nn.Linear and nn.Conv2d, got {type(module).__name__}")
         self.name = name
         self.module = module
+        self.reduce = weight_sharing == "reduce" and isinstance(module, nn.Linear)
         self.has_bias = module.bias is not None and module.bias.requires_grad
         self.augment = self.has_bias and bias_mode == "augment"
         self.out_dim = module.weight.shape[0]
@@ -70,6 +78,11 @@ class KFACLayer:
         assert self.a_factor is not None and self.b_factor is not None, "build_factors() first"
         return self.a_factor, self.b_factor
 
+    @property
+    def ready(self) -> bool:
+        """Both factors have statistics and a prepared inverse: the layer can be preconditioned."""
+        return self.a_factor is not None and self.a_factor.refreshed and self.b_factor.refreshed
+
     def prepare_inverses(self, damping: float) -> None:
         """Split λ by π-damping at the current traces and prepare both factors' damped inverses."""
         a_factor, b_factor = self.factors
@@ -109,6 +122,8 @@ class KFACLayer:
             )
             rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
         else:
+            if self.reduce and inputs.dim() > 2:
+                inputs = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).mean(1)
             rows = inputs.reshape(-1, inputs.shape[-1])
         if self.augment:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
@@ -118,11 +133,14 @@ class KFACLayer:
         """Gradients w.r.t. the layer output as rows (locations × out)."""
         if isinstance(self.module, nn.Conv2d):
             return grads.movedim(1, -1).reshape(-1, grads.shape[1])
+        if self.reduce and grads.dim() > 2:
+            grads = grads.reshape(grads.shape[0], -1, grads.shape[-1]).sum(1)
         return grads.reshape(-1, grads.shape[-1])
 
     def num_samples(self, grads: Tensor) -> int:
-        """Examples a mean-reduced loss averages over: the batch for Conv2d, every position for Linear."""
-        if isinstance(self.module, nn.Conv2d):
+        """Examples a mean-reduced loss averages over: the batch for Conv2d and reduced Linear,
+        every position for an expanded Linear."""
+        if isinstance(self.module, nn.Conv2d) or (self.reduce and grads.dim() > 2):
             return grads.shape[0]
         return grads.numel() // grads.shape[-1]
 

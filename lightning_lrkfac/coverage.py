@@ -1,0 +1,56 @@
+"""The coverage report: which parameters the callback preconditions, how, and at what rank."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .layers import KFACLayer
+from .lowrank import DenseFactor, KroneckerFactor
+
+
+def _describe(factor: KroneckerFactor) -> str:
+    return f"dense {factor.dim}" if isinstance(factor, DenseFactor) else f"rank {factor.rank}/{factor.dim}"
+
+
+def coverage_rows(model: nn.Module, layers: list[KFACLayer], skipped: dict[str, str]) -> list[dict[str, Any]]:
+    """One row per trainable parameter: name, size, whether preconditioned, how, factor ranks."""
+    handled = {}
+    for layer in layers:
+        kind = type(layer.module).__name__
+        if isinstance(layer.module, nn.Linear):
+            kind += " (reduce)" if layer.reduce else " (expand)"
+        how = f"K-FAC {kind}, A {_describe(layer.a_factor)}, B {_describe(layer.b_factor)}"
+        handled[id(layer.module.weight)] = how
+        if layer.has_bias:
+            handled[id(layer.module.bias)] = how + (", bias augmented" if layer.augment else ", bias B⁻¹g")
+    owners = {
+        id(parameter): module_name
+        for module_name, module in model.named_modules()
+        for parameter in module.parameters(recurse=False)
+    }
+    rows = []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        how = handled.get(id(parameter))
+        if how is None:
+            reason = skipped.get(owners.get(id(parameter), ""), "not a handled Linear/Conv2d weight")
+            how = f"plain gradient ({reason})"
+        rows.append(
+            {"parameter": name, "numel": parameter.numel(), "preconditioned": id(parameter) in handled, "how": how}
+        )
+    return rows
+
+
+def format_coverage(rows: list[dict[str, Any]]) -> str:
+    """The rows as a text table, with the share of parameters preconditioned."""
+    total = sum(row["numel"] for row in rows) or 1
+    covered = sum(row["numel"] for row in rows if row["preconditioned"])
+    width = max([len(row["parameter"]) for row in rows] + [9])
+    lines = [
+        f"LowRankKFACCallback coverage: {covered:,} of {total:,} parameters preconditioned ({covered / total:.1%})"
+    ]
+    lines += [f"  {row['parameter']:<{width}}  {row['numel']:>10,}  {row['how']}" for row in rows]
+    return "\n".join(lines)
