@@ -336,16 +336,15 @@ class LowRankKFACCallback(Callback):
 
     def refresh_bases(self) -> None:
         """Refresh the factors of the owned layers; under layerwise work, owners broadcast the new bases."""
-        groups = []
         for index, layer in enumerate(self.layers):
-            factors = [factor for factor in layer.factors if factor.initialized]
             if self.owns(index):
-                for factor in factors:
-                    factor.refresh()
-                if all(factor.refreshed for factor in layer.factors):
+                for factor in layer.factors:
+                    if factor.initialized:
+                        factor.refresh()
+                if layer.ready:
                     layer.prepare_inverses(self.damping)
-            groups.append([t for factor in factors for t in factor.basis_tensors()])
         if self.work_distribution == "layerwise" and self.comm.active:
+            groups = [[t for f in layer.factors if f.initialized for t in f.basis_tensors()] for layer in self.layers]
             self.comm.broadcast_from_owners(groups, self.owners, kind="bases")
             for index, layer in enumerate(self.layers):
                 if not self.owns(index):

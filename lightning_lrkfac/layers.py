@@ -80,7 +80,7 @@ class KFACLayer:
 
     @property
     def ready(self) -> bool:
-        """Both factors have statistics and a prepared inverse: the layer can be preconditioned."""
+        """Both factors are refreshed (their owner prepares the inverses right after): the layer can be preconditioned."""
         return self.a_factor is not None and self.a_factor.refreshed and self.b_factor.refreshed
 
     def prepare_inverses(self, damping: float) -> None:

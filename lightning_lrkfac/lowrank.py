@@ -263,8 +263,8 @@ class DiagPlusLowRankFactor(SketchedFactor):
         self.diag = torch.zeros(dim, device=device, dtype=dtype)
         self.pending_diag = torch.zeros_like(self.diag)
         self.repairs = torch.zeros((), device=device, dtype=torch.int64)
-        # The prepared Woodbury operator, kept as tensors so that checkpoints carry it exactly.
-        # (E⁻¹V is recomputed from them at apply time: O(d·k) work instead of d·k more state.)
+        # The prepared Woodbury operator (with the eigenvectors as its basis), kept as tensors
+        # so that checkpoints carry it exactly.
         self.inverse_diag = torch.zeros(dim, device=device, dtype=dtype)
         self.inverse_core = torch.zeros(rank, rank, device=device, dtype=dtype)
 
@@ -277,9 +277,7 @@ class DiagPlusLowRankFactor(SketchedFactor):
 
     def inverse_left(self, matrix: Tensor) -> Tensor:
         """(diag B + δI + V M Vᵀ)⁻¹ X by Woodbury, as prepared at the last refresh."""
-        scaled_basis = self.eigenvectors * self.inverse_diag[:, None]
-        inverse = DiagPlusLowRankInverse(scaled_basis, self.inverse_core, self.inverse_diag, self.repairs)
-        return inverse.apply_left(matrix)
+        return DiagPlusLowRankInverse(self.eigenvectors, self.inverse_core, self.inverse_diag).apply_left(matrix)
 
     def inverse_right(self, matrix: Tensor) -> Tensor:
         return self.inverse_left(matrix.mT).mT

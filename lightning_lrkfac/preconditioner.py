@@ -64,10 +64,10 @@ class DiagPlusLowRankInverse:
     Then (…)⁻¹ X = E⁻¹X − E⁻¹V K Vᵀ E⁻¹ X with K = W^-½ (I − Z Ω⁻¹ Zᵀ) W^-½.
     """
 
-    scaled_basis: Tensor  # E⁻¹ V, d×k
+    basis: Tensor  # V, d×k
     core: Tensor  # K, k×k
     inverse_diag: Tensor  # E⁻¹, d
-    repaired: Tensor  # number of whitened eigenvalues that were raised (0-dim)
+    repaired: Tensor | None = None  # whitened eigenvalues raised by build() (0-dim); None when not built here
 
     @classmethod
     def build(cls, diag: Tensor, basis: Tensor, coefficients: Tensor, damping: Tensor) -> DiagPlusLowRankInverse:
@@ -86,14 +86,15 @@ class DiagPlusLowRankInverse:
         repaired = (omega < floor).sum()
         omega = torch.maximum(omega, floor)
         core = inverse_root @ (identity - (z / omega) @ z.mT) @ inverse_root
-        return cls(scaled_basis, core, inverse_diag, repaired)
+        return cls(basis, core, inverse_diag, repaired)
 
     def apply_left(self, matrix: Tensor) -> Tensor:
         """(D + δI + V M Vᵀ)⁻¹ X for X with d rows; O(d·cols·k)."""
+        scaled_basis = self.basis * self.inverse_diag[:, None]  # E⁻¹V: O(d·k), cheaper than keeping it
         return torch.addmm(
             matrix * self.inverse_diag[:, None],
-            self.scaled_basis,
-            self.core @ (self.scaled_basis.mT @ matrix),
+            scaled_basis,
+            self.core @ (scaled_basis.mT @ matrix),
             alpha=-1.0,
         )
 
