@@ -18,7 +18,7 @@ from .capture import ActivationCapture
 from .coverage import coverage_rows, format_coverage
 from .distributed import WORK_MODES, Communicator, balanced_owners
 from .fisher import LIKELIHOODS, sampled_negative_log_likelihood
-from .layers import BIAS_MODES, WEIGHT_SHARING, KFACLayer
+from .layers import BIAS_MODES, WEIGHT_SHARING, EmbeddingLayer, KFACLayer
 from .lowrank import DiagPlusLowRankFactor
 from .preconditioner import kl_clip_scale
 
@@ -28,7 +28,7 @@ STATE_VERSION = 1
 class LowRankKFACCallback(Callback):
     """Turns the optimizer step of an automatic-optimization run into a K-FAC natural-gradient step.
 
-    Every handled ``nn.Linear`` / ``nn.Conv2d`` gets Kronecker factors A (inputs) and B
+    Every handled ``nn.Linear`` / ``nn.Conv2d`` (and, optionally, ``nn.Embedding``) gets Kronecker factors A (inputs) and B
     (output gradients), each kept as a rank-``rank`` approximation (B: plus its exact
     diagonal), or dense when ``rank`` ≥ its size. Before each optimizer step the
     gradient G of the layer is replaced by (B + δ_B I)⁻¹ G (A + δ_A I)⁻¹ with π-damping;
@@ -49,6 +49,9 @@ class LowRankKFACCallback(Callback):
         weight_sharing: for Linear layers on inputs (batch, positions…, features): ``"expand"``
             (every position is an example) or ``"reduce"`` (average inputs and sum output
             gradients over the positions first); Eschenhagen et al. 2023.
+        precondition_embeddings: also precondition ``nn.Embedding`` weights, with the exact
+            diagonal A of token frequencies and the usual B over the embedding dimension
+            (every position an example). ``False`` leaves them on the plain gradient.
         bias_mode: ``"augment"`` (bias as an extra input column, one block) or
             ``"separate"`` (bias gets B⁻¹ g_b, asdl's convention).
         dense_threshold: also keep factors of size ≤ this dense.
@@ -84,6 +87,7 @@ class LowRankKFACCallback(Callback):
         isotropic_tail: bool = False,
         bias_mode: str = "augment",
         weight_sharing: str = "expand",
+        precondition_embeddings: bool = False,
         dense_threshold: int = 0,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
@@ -113,6 +117,12 @@ class LowRankKFACCallback(Callback):
             opt.positive_float("kl_clip", kl_clip)
         opt.one_of("bias_mode", bias_mode, BIAS_MODES)
         opt.one_of("weight_sharing", weight_sharing, WEIGHT_SHARING)
+        opt.require(
+            isinstance(precondition_embeddings, bool),
+            "precondition_embeddings",
+            "true or false",
+            precondition_embeddings,
+        )
         opt.non_negative_int("dense_threshold", dense_threshold)
         opt.patterns("include", include)
         opt.patterns("exclude", exclude)
@@ -138,6 +148,7 @@ class LowRankKFACCallback(Callback):
         self.isotropic_tail = isotropic_tail
         self.bias_mode = bias_mode
         self.weight_sharing = weight_sharing
+        self.precondition_embeddings = precondition_embeddings
         self.dense_threshold = dense_threshold
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude or [])
@@ -163,7 +174,7 @@ class LowRankKFACCallback(Callback):
 
     # -- discovery ------------------------------------------------------------------
     def select_layers(self, model: nn.Module) -> list[KFACLayer]:
-        """The Linear/Conv2d modules this callback preconditions; the reasons for the rest go to ``skipped_modules``."""
+        """The modules this callback preconditions; the reasons for the rest go to ``skipped_modules``."""
         layers, self.skipped_modules = [], {}
         # nn.MultiheadAttention passes out_proj's weight to a functional call: its forward never runs.
         functional = {
@@ -171,19 +182,33 @@ class LowRankKFACCallback(Callback):
             for name, module in model.named_modules()
             if isinstance(module, nn.MultiheadAttention)
         }
+        # A parameter held by several modules (tied weights) gets the gradient of all its uses.
+        holders: dict[int, list[str]] = {}
         for name, module in model.named_modules():
-            if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            for parameter in module.parameters(recurse=False):
+                holders.setdefault(id(parameter), []).append(name)
+        for name, module in model.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
                 continue
             if self.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
                 continue
+            tied = sorted({other for p in module.parameters(recurse=False) for other in holders[id(p)]} - {name})
             if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
                 self.skipped_modules[name] = "excluded"
+            elif isinstance(module, nn.Embedding) and not self.precondition_embeddings:
+                self.skipped_modules[name] = "nn.Embedding (precondition_embeddings=False)"
             elif name in functional:
                 self.skipped_modules[name] = "weight used functionally by nn.MultiheadAttention"
             elif not module.weight.requires_grad:
                 self.skipped_modules[name] = "frozen weight"
+            elif tied:
+                self.skipped_modules[name] = f"parameter shared with {tied} (tied weights)"
             elif isinstance(module, nn.Conv2d) and module.groups != 1:
                 self.skipped_modules[name] = f"groups={module.groups} (only groups=1 is handled)"
+            elif isinstance(module, nn.Embedding) and module.sparse:
+                self.skipped_modules[name] = "sparse gradients (sparse=True)"
+            elif isinstance(module, nn.Embedding):
+                layers.append(EmbeddingLayer(name, module))
             else:
                 layers.append(KFACLayer(name, module, self.bias_mode, self.weight_sharing))
         return layers
@@ -199,7 +224,7 @@ class LowRankKFACCallback(Callback):
         self.layers = self.select_layers(pl_module)
         if not self.layers:
             raise ValueError(
-                f"LowRankKFACCallback found nothing to precondition in {type(pl_module).__name__}: it handles nn.Linear and nn.Conv2d (groups=1) "
+                f"LowRankKFACCallback found nothing to precondition in {type(pl_module).__name__}: it handles nn.Linear, nn.Conv2d (groups=1) and, with precondition_embeddings, nn.Embedding "
                 f"with trainable weights; `include`={self.include!r}, `exclude`={self.exclude!r}, skipped: {self.skipped_modules}"
             )
         self.capture = ActivationCapture(
@@ -269,17 +294,14 @@ class LowRankKFACCallback(Callback):
         if not self.capture.enabled:
             return
         loss_scale = self._loss_scale(trainer)
+
+        def per_example_grad(examples: float) -> float | Tensor:
+            return self._per_example_grad_multiplier(trainer, examples) / loss_scale
+
         for layer in self.layers:
             inputs, grads = self.capture.pop(layer.module)
-            if not inputs or not grads:
-                continue
-            a_factor, b_factor = layer.factors
-            a_rows = torch.cat([layer.input_rows(x) for x in inputs])
-            a_factor.accumulate(a_rows, 1.0 / a_rows.shape[0])
-            samples = sum(layer.num_samples(g) for g in grads)
-            multiplier = self._per_example_grad_multiplier(trainer, samples / len(grads)) / loss_scale
-            b_rows = torch.cat([layer.output_grad_rows(g) for g in grads]).to(self.factor_dtype) * multiplier
-            b_factor.accumulate(b_rows, 1.0 / samples)
+            if inputs and grads:
+                layer.accumulate(inputs, grads, per_example_grad)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -350,6 +372,8 @@ class LowRankKFACCallback(Callback):
                 if not self.owns(index):
                     for factor in layer.factors:
                         factor.refreshed = factor.refreshed or factor.initialized
+                    if layer.ready:  # k×k work: keeps every rank's state (and checkpoint) consistent
+                        layer.prepare_inverses(self.damping)
 
     def precondition(self, learning_rate: float) -> None:
         """Replace each handled gradient by (B + δ_B)⁻¹ G (A + δ_A)⁻¹, then apply the optional KL clip.

@@ -7,11 +7,15 @@ from typing import Any
 from torch import nn
 
 from .layers import KFACLayer
-from .lowrank import DenseFactor, KroneckerFactor
+from .lowrank import DenseFactor, DiagonalFactor, KroneckerFactor
 
 
 def _describe(factor: KroneckerFactor) -> str:
-    return f"dense {factor.dim}" if isinstance(factor, DenseFactor) else f"rank {factor.rank}/{factor.dim}"
+    if isinstance(factor, DenseFactor):
+        return f"dense {factor.dim}"
+    if isinstance(factor, DiagonalFactor):
+        return f"diagonal {factor.dim}"
+    return f"rank {factor.rank}/{factor.dim}"
 
 
 def coverage_rows(model: nn.Module, layers: list[KFACLayer], skipped: dict[str, str]) -> list[dict[str, Any]]:
@@ -19,7 +23,7 @@ def coverage_rows(model: nn.Module, layers: list[KFACLayer], skipped: dict[str, 
     handled = {}
     for layer in layers:
         kind = type(layer.module).__name__
-        if isinstance(layer.module, nn.Linear):
+        if isinstance(layer.module, (nn.Linear, nn.Embedding)):
             kind += " (reduce)" if layer.reduce else " (expand)"
         how = f"K-FAC {kind}, A {_describe(layer.a_factor)}, B {_describe(layer.b_factor)}"
         handled[id(layer.module.weight)] = how
@@ -36,7 +40,7 @@ def coverage_rows(model: nn.Module, layers: list[KFACLayer], skipped: dict[str, 
             continue
         how = handled.get(id(parameter))
         if how is None:
-            reason = skipped.get(owners.get(id(parameter), ""), "not a handled Linear/Conv2d weight")
+            reason = skipped.get(owners.get(id(parameter), ""), "not a weight of a handled module type")
             how = f"plain gradient ({reason})"
         rows.append(
             {"parameter": name, "numel": parameter.numel(), "preconditioned": id(parameter) in handled, "how": how}

@@ -1,5 +1,5 @@
 """DataModules that need no download: sklearn's digits (embedded), mnist1d (generated),
-and CIFAR-10 from a local folder (torchvision, optional)."""
+generated token sequences, and CIFAR-10 from a local folder (torchvision, optional)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,41 @@ class MNIST1DDataModule(TensorDataModule):
         val = len(y) // 10
         self.train_set, self.val_set = _tensor_dataset(x[val:], y[val:]), _tensor_dataset(x[:val], y[:val])
         self.test_set = _tensor_dataset(data["x_test"], data["y_test"])
+
+
+class ArithmeticSequencesDataModule(TensorDataModule):
+    """Generated token sequences for language models: x_i = (start + step · i) mod vocab_size with a
+    random start and step in [1, max_step], plus a share of uniformly random tokens (noise).
+
+    Batches are (tokens, next tokens), each (batch, length − 1). After two clean tokens the
+    rest of a sequence is predictable; 80/10/10 split.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 32,
+        length: int = 17,
+        num_sequences: int = 4096,
+        max_step: int = 7,
+        noise: float = 0.05,
+        batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, seed)
+        self.vocab_size, self.length, self.num_sequences = vocab_size, length, num_sequences
+        self.max_step, self.noise = max_step, noise
+
+    def setup(self, stage: str | None = None) -> None:
+        generator = torch.Generator().manual_seed(self.seed)
+        shape = (self.num_sequences, 1)
+        start = torch.randint(0, self.vocab_size, shape, generator=generator)
+        step = torch.randint(1, self.max_step + 1, shape, generator=generator)
+        tokens = (start + step * torch.arange(self.length)) % self.vocab_size
+        noisy = torch.rand(tokens.shape, generator=generator) < self.noise
+        tokens = torch.where(noisy, torch.randint(0, self.vocab_size, tokens.shape, generator=generator), tokens)
+        n_val = n_test = self.num_sequences // 10
+        parts = tokens[n_val + n_test :], tokens[:n_val], tokens[n_val : n_val + n_test]
+        self.train_set, self.val_set, self.test_set = [TensorDataset(p[:, :-1], p[:, 1:]) for p in parts]
 
 
 class CIFAR10DataModule(pl.LightningDataModule):

@@ -3,11 +3,13 @@ parameter gradients into the matrices that the factors and the preconditioner us
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lowrank import DenseFactor, DiagPlusLowRankFactor, KroneckerFactor, LowRankFactor
+from .lowrank import DenseFactor, DiagonalFactor, DiagPlusLowRankFactor, KroneckerFactor, LowRankFactor
 from .preconditioner import pi_damping
 
 BIAS_MODES = ("augment", "separate")
@@ -57,21 +59,22 @@ class KFACLayer:
     ) -> None:
         """Create A (inputs) and B (output gradients): dense when rank ≥ d or d ≤ dense_threshold."""
         device = self.weight.device
-
-        def is_dense(dim: int) -> bool:
-            return rank >= dim or dim <= dense_threshold
-
-        a_dim, b_dim = self.in_dim, self.out_dim
+        a_dim = self.in_dim
         self.a_factor = (
             DenseFactor(a_dim, device, dtype)
-            if is_dense(a_dim)
+            if rank >= a_dim or a_dim <= dense_threshold
             else LowRankFactor(a_dim, rank, oversampling, generator, device, dtype, isotropic_tail)
         )
-        self.b_factor = (
-            DenseFactor(b_dim, device, dtype)
-            if is_dense(b_dim)
-            else DiagPlusLowRankFactor(b_dim, rank, oversampling, generator, device, dtype)
-        )
+        self.b_factor = self._output_factor(rank, oversampling, dense_threshold, generator, dtype)
+
+    def _output_factor(
+        self, rank: int, oversampling: int, dense_threshold: int, generator: torch.Generator, dtype: torch.dtype
+    ) -> KroneckerFactor:
+        """B: dense when rank ≥ out or out ≤ dense_threshold, else rank_k(B − diag B) + diag B."""
+        device, dim = self.weight.device, self.out_dim
+        if rank >= dim or dim <= dense_threshold:
+            return DenseFactor(dim, device, dtype)
+        return DiagPlusLowRankFactor(dim, rank, oversampling, generator, device, dtype)
 
     @property
     def factors(self) -> tuple[KroneckerFactor, KroneckerFactor]:
@@ -107,7 +110,25 @@ class KFACLayer:
         (a_refresh, a_width), (b_refresh, b_width) = (factor.work() for factor in self.factors)
         return a_refresh + b_refresh + float(self.out_dim * self.in_dim) * (a_width + b_width)
 
-    # -- rows of the statistics -------------------------------------------------------
+    # -- statistics ---------------------------------------------------------------------
+    def accumulate(
+        self, inputs: list[Tensor], grads: list[Tensor], per_example_grad: Callable[[float], float | Tensor]
+    ) -> None:
+        """Add one backward's statistics (every call of the module) to the pending sums of A and B.
+
+        ``per_example_grad(examples)`` is the multiplier that turns a recorded output gradient
+        of a loss averaged over ``examples`` into one example's own gradient.
+        """
+        a_factor, b_factor = self.factors
+        self._accumulate_inputs(inputs)
+        samples = sum(self.num_samples(g) for g in grads)
+        b_rows = torch.cat([self.output_grad_rows(g) for g in grads]).to(b_factor.dtype)
+        b_factor.accumulate(b_rows * per_example_grad(samples / len(grads)), 1.0 / samples)
+
+    def _accumulate_inputs(self, inputs: list[Tensor]) -> None:
+        a_rows = torch.cat([self.input_rows(x) for x in inputs])
+        self.a_factor.accumulate(a_rows, 1.0 / a_rows.shape[0])
+
     def input_rows(self, inputs: Tensor) -> Tensor:
         """Layer inputs as rows (samples × in'): Conv2d via im2col, one row per output location."""
         module = self.module
@@ -172,3 +193,54 @@ class KFACLayer:
             self.module.bias.grad.copy_(matrix[:, -1])
         elif bias_column is not None:
             self.module.bias.grad.copy_(bias_column[:, 0])
+
+
+class EmbeddingLayer(KFACLayer):
+    """``nn.Embedding`` as a Linear on one-hot inputs, y = Wᵀx (out = embedding_dim, in = num_embeddings).
+
+    Every position is an example (expand). A = E[x xᵀ] is then exactly diagonal: the token
+    frequencies, kept as a :class:`~.lowrank.DiagonalFactor` in O(num_embeddings). B is the
+    usual output-gradient factor over the embedding dimension. The natural gradient of the
+    (num_embeddings × dim) weight is A⁻¹ G B⁻¹: each token's row is scaled by its inverse
+    frequency and turned by B⁻¹. ``padding_idx`` positions count as zero inputs.
+    """
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        if not isinstance(module, nn.Embedding):
+            raise TypeError(f"EmbeddingLayer handles nn.Embedding, got {type(module).__name__}")
+        self.name = name
+        self.module = module
+        self.reduce = False
+        self.has_bias = self.augment = False
+        self.in_dim, self.out_dim = module.num_embeddings, module.embedding_dim
+        self.a_factor: KroneckerFactor | None = None
+        self.b_factor: KroneckerFactor | None = None
+
+    def build_factors(
+        self,
+        rank: int,
+        oversampling: int,
+        dense_threshold: int,
+        isotropic_tail: bool,
+        generator: torch.Generator,
+        dtype: torch.dtype,
+    ) -> None:
+        self.a_factor = DiagonalFactor(self.in_dim, self.weight.device, dtype)
+        self.b_factor = self._output_factor(rank, oversampling, dense_threshold, generator, dtype)
+
+    def _accumulate_inputs(self, inputs: list[Tensor]) -> None:
+        """A: per-token counts over all positions (scatter-add: no host sync), divided by the positions."""
+        tokens = torch.cat([x.reshape(-1) for x in inputs])
+        ones = torch.ones(tokens.shape, device=tokens.device, dtype=self.a_factor.dtype)
+        if self.module.padding_idx is not None:
+            ones = ones * (tokens != self.module.padding_idx)
+        counts = torch.zeros(self.in_dim, device=tokens.device, dtype=self.a_factor.dtype).index_add_(0, tokens, ones)
+        self.a_factor.accumulate_diagonal(counts, 1.0 / tokens.numel())
+
+    def grad_matrix(self) -> Tensor | None:
+        """∂L/∂Wᵀ as an embedding_dim × num_embeddings matrix; None if no grad."""
+        weight_grad = self.weight.grad
+        return None if weight_grad is None else weight_grad.mT
+
+    def write_grads(self, matrix: Tensor, bias_column: Tensor | None) -> None:
+        self.weight.grad.copy_(matrix.mT)

@@ -170,6 +170,59 @@ class DenseFactor(KroneckerFactor):
         return float(self.dim) ** 3, self.dim
 
 
+class DiagonalFactor(KroneckerFactor):
+    """A factor kept as its diagonal, O(d): exact where the factor is diagonal by construction.
+
+    An ``nn.Embedding`` is a Linear on one-hot inputs, so its A = E[x xᵀ] is the diagonal of
+    token frequencies; :meth:`accumulate_diagonal` takes those counts without forming rows.
+    """
+
+    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(dim, device, dtype)
+        self.diag = torch.zeros(dim, device=device, dtype=dtype)
+        self.pending_diag = torch.zeros_like(self.diag)
+        #: 1 / (diag + δ) as prepared at the last refresh.
+        self.inverse_diagonal = torch.zeros_like(self.diag)
+
+    def accumulate_diagonal(self, diagonal: Tensor, weight: float | Tensor) -> None:
+        """Add weight · diagonal, the diagonal of one micro-batch's estimate, to the pending sum."""
+        diagonal = diagonal.to(self.dtype)
+        self.pending_trace += weight * diagonal.sum()
+        self.pending_diag.add_(weight * diagonal)
+        self.pending_count += 1
+
+    def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
+        self.pending_diag.add_(weight * rows.square().sum(0))
+
+    def _pending(self) -> list[Tensor]:
+        return [self.pending_diag]
+
+    def _state(self) -> list[Tensor]:
+        return [self.diag]
+
+    def refresh(self) -> None:
+        self.refreshed = True
+
+    def prepare_inverse(self, damping: Tensor) -> None:
+        super().prepare_inverse(damping)
+        self.inverse_diagonal = 1.0 / (self.diag.clamp_min(0.0) + self.inverse_damping)
+
+    def inverse_right(self, matrix: Tensor) -> Tensor:
+        return matrix * self.inverse_diagonal
+
+    def inverse_left(self, matrix: Tensor) -> Tensor:
+        return self.inverse_diagonal[:, None] * matrix
+
+    def captured_trace(self) -> Tensor:
+        return torch.ones((), device=self.device, dtype=self.dtype)
+
+    def basis_tensors(self) -> list[Tensor]:
+        return []  # a refresh computes nothing: the folded diagonal is the same on every rank
+
+    def work(self) -> tuple[float, int]:
+        return float(self.dim), 1
+
+
 class SketchedFactor(KroneckerFactor):
     """Shared sketch machinery of the two low-rank factors: V, Y = F·V and their pending sum."""
 

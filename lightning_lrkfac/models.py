@@ -1,7 +1,8 @@
-"""LightningModules for the examples and configs: an MLP, a small CNN and a CIFAR ResNet-18.
+"""LightningModules for the examples and configs: an MLP, a small CNN, a CIFAR ResNet-18 and
+a small GPT-style language model.
 
-They are ordinary classifiers (cross-entropy, torchmetrics accuracy, SGD or Adam): the
-callback needs nothing from them.
+They are ordinary classifiers (cross-entropy, torchmetrics accuracy, SGD or Adam; the
+language model classifies every next token): the callback needs nothing from them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ OPTIMIZERS = ("sgd", "adam")
 
 
 class Classifier(pl.LightningModule):
-    """Cross-entropy classifier around ``self.net``; logs loss and accuracy per split."""
+    """Cross-entropy classifier around ``self.net``; logs loss and accuracy per split.
+
+    Logits (batch, …, classes) and targets (batch, …) are flattened: a sequence model's loss
+    is the mean over every position.
+    """
 
     def __init__(self, num_classes: int, lr: float, momentum: float, weight_decay: float, optimizer: str) -> None:
         super().__init__()
@@ -36,6 +41,7 @@ class Classifier(pl.LightningModule):
     def _shared_step(self, batch, split: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
+        logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
         loss = F.cross_entropy(logits, y)
         accuracy = self.accuracy[f"{split}_acc"]
         accuracy(logits, y)
@@ -136,3 +142,77 @@ class ResNet18Classifier(Classifier):
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
         self.net = net
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with its projections as ``nn.Linear`` modules (nanoGPT's layout),
+    so each projection's own forward runs and K-FAC can precondition it."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"`width` ({width}) must be divisible by `heads` ({heads})")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(attended.transpose(1, 2).reshape(batch, length, width))
+
+
+class GPTBlock(nn.Module):
+    """Pre-norm transformer block: x + attention(LN(x)), then x + MLP(LN(x)) with a 4× GELU MLP."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = CausalSelfAttention(width, heads)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPTLanguageModel(Classifier):
+    """Small GPT-style causal language model: token and position embeddings, pre-norm blocks,
+    final LayerNorm and a linear head over the vocabulary (optionally tied to the token embedding).
+
+    Batches are (tokens, next tokens), both (batch, length) with length ≤ ``context``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 32,
+        context: int = 16,
+        width: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        tie_weights: bool = False,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        optimizer: str = "sgd",
+    ) -> None:
+        super().__init__(vocab_size, lr, momentum, weight_decay, optimizer)
+        self.save_hyperparameters()
+        self.context = context
+        self.tokens = nn.Embedding(vocab_size, width)
+        self.positions = nn.Embedding(context, width)
+        self.blocks = nn.Sequential(*[GPTBlock(width, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab_size, bias=False)
+        if tie_weights:
+            self.head.weight = self.tokens.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, length = tokens.shape
+        if length > self.context:
+            raise ValueError(f"sequence length {length} exceeds the model's context {self.context}")
+        # Positions per example (not broadcast over the batch), so each position has its own gradient.
+        positions = torch.arange(length, device=tokens.device).expand(batch, length)
+        hidden = self.blocks(self.tokens(tokens) + self.positions(positions))
+        return self.head(self.norm(hidden))

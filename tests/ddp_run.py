@@ -83,6 +83,12 @@ def main() -> None:
     torch.save(
         {
             "parameters": {name: p.detach().clone() for name, p in model.named_parameters()},
+            "curvature": {
+                f"{name}.{factor}.{key}": value
+                for name, entry in callback.state_dict().get("layers", {}).items()
+                for factor in ("A", "B")
+                for key, value in entry[factor]["tensors"].items()
+            },
             "owners": callback.owners,
             "world_size": callback.comm.world_size,
             "bytes": callback.comm.bytes_by_kind,

@@ -24,7 +24,10 @@ def free_port() -> int:
 
 
 def run(out: Path, *args: str) -> dict[int, dict]:
+    # The repository root on the path: the script imports this checkout, installed or not.
+    path = os.pathsep.join(filter(None, [str(SCRIPT.parent.parent), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = path
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--out", str(out), "--steps", str(STEPS), *args],
         env=env,
@@ -63,6 +66,16 @@ def test_ranks_end_identical_and_equal_to_one_process_with_the_global_batch(runs
     assert max_relative_difference(ranks[0]["parameters"], single) < 1e-4
     # The comparison has power: low-rank and exact K-FAC end far apart after these steps.
     assert max_relative_difference(runs["single_lowrank"][0]["parameters"], runs["single_exact"][0]["parameters"]) > 0.1
+
+
+def test_layerwise_ranks_hold_the_same_complete_curvature_state(runs):
+    """Non-owners receive the bases and prepare the damped inverses too: any rank's checkpoint is complete."""
+    ranks = runs["ddp_lowrank_layerwise"]
+    curvature = ranks[0]["curvature"]
+    assert any(key.endswith("B.inverse_core") for key in curvature)
+    assert curvature.keys() == ranks[1]["curvature"].keys()
+    for key, value in curvature.items():
+        assert torch.equal(value, ranks[1]["curvature"][key]), key
 
 
 def test_ddp_run_is_deterministic_for_a_fixed_seed(runs):
