@@ -1,8 +1,9 @@
 """Trainer step time with the callback vs plain SGD on the same model and batches, side by side.
 
 Factors are updated every step and bases refreshed every 10 (the defaults). Models: MLP on
-mnist1d, a small CNN on 8×8 digits images, and ResNet-18 on synthetic 32×32 batches when a
-GPU and torchvision are there.
+mnist1d, a small CNN on 8×8 digits images, a GPT-style language model (2 blocks, width 64,
+embeddings preconditioned too) on generated token sequences, and, on a GPU, a 4-block
+width-256 GPT on 64-token sequences and ResNet-18 on synthetic 32×32 batches (torchvision).
 
     python -m benchmarks.step_overhead [--quick]
 """
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from functools import partial
 
 import torch
 
 from lightning_lrkfac import LowRankKFACCallback
-from lightning_lrkfac.data import DigitsDataModule, MNIST1DDataModule
-from lightning_lrkfac.models import CNNClassifier, MLPClassifier, ResNet18Classifier
+from lightning_lrkfac.data import ArithmeticSequencesDataModule, DigitsDataModule, MNIST1DDataModule
+from lightning_lrkfac.models import CNNClassifier, GPTLanguageModel, MLPClassifier, ResNet18Classifier
 
 from .common import RESULTS, device_record, print_table, pyplot, write_json
 from .training import StepTimer, quiet_trainer
@@ -30,15 +32,20 @@ def synthetic_cifar(batches: int, batch_size: int) -> torch.utils.data.DataLoade
 
 
 def cases(device: torch.device, quick: bool):
-    """(name, model factory, data (module or loader), K-FAC rank)."""
-    yield "mlp-mnist1d", lambda: MLPClassifier(in_features=40, hidden=(256, 256)), MNIST1DDataModule(128), 32
-    yield "cnn-digits", lambda: CNNClassifier(), DigitsDataModule(64, as_images=True), 32
+    """(name, model factory, data (module or loader), callback options)."""
+    yield "mlp-mnist1d", lambda: MLPClassifier(in_features=40, hidden=(256, 256)), MNIST1DDataModule(128), {}
+    yield "cnn-digits", lambda: CNNClassifier(), DigitsDataModule(64, as_images=True), {}
+    embeddings = {"precondition_embeddings": True}
+    yield "gpt-w64-sequences", lambda: GPTLanguageModel(), ArithmeticSequencesDataModule(), embeddings
     if device.type == "cuda" and not quick:
+        gpt = partial(GPTLanguageModel, vocab_size=256, context=64, width=256, depth=4, heads=8)
+        sequences = ArithmeticSequencesDataModule(vocab_size=256, length=65, num_sequences=20000)
+        yield "gpt-w256-sequences", gpt, sequences, embeddings
         try:
             ResNet18Classifier()
         except ImportError:
             return
-        yield "resnet18-synthetic32", lambda: ResNet18Classifier(), synthetic_cifar(60, 128), 32
+        yield "resnet18-synthetic32", lambda: ResNet18Classifier(), synthetic_cifar(60, 128), {}
 
 
 def time_steps(model_factory, data, device, callback, steps: int) -> float:
@@ -59,12 +66,13 @@ def main() -> None:
     device = torch.device(args.device)
     steps = 40 if args.quick else 120
     rows = []
-    for name, model_factory, data, rank in cases(device, args.quick):
+    for name, model_factory, data, options in cases(device, args.quick):
         # Interleave the two arms so that drifts in machine load hit both.
         sgd, kfac = [], []
         for _ in range(2 if args.quick else 3):
             sgd.append(time_steps(model_factory, data, device, None, steps))
-            kfac.append(time_steps(model_factory, data, device, LowRankKFACCallback(rank=rank, log_stats=False), steps))
+            callback = LowRankKFACCallback(rank=32, log_stats=False, **options)
+            kfac.append(time_steps(model_factory, data, device, callback, steps))
         row = {
             "model": name,
             "sgd_ms": 1e3 * statistics.median(sgd),
