@@ -232,3 +232,22 @@ def test_logged_metrics_reach_the_logger(tmp_path):
             assert 0.0 < share_a <= 1.0 + 1e-6
             assert float(row[f"lrkfac/captured_trace/{layer}/B"]) >= 0.0
     assert float(rows[-1]["lrkfac/captured_trace/body.0/A"]) < 1.0
+
+
+def test_metrics_are_logged_only_on_the_steps_the_logger_writes(tmp_path, monkeypatch):
+    """``log`` is called on every third step with log_every_n_steps=3, and those rows reach the CSV."""
+    torch.manual_seed(0)
+    callback = LowRankKFACCallback(rank=8)
+    calls = []
+    original = callback._log
+    monkeypatch.setattr(
+        callback, "_log", lambda module, *args: calls.append(module.trainer.global_step) or original(module, *args)
+    )
+    trainer = quiet_trainer(
+        max_steps=9, logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=3, callbacks=[callback]
+    )
+    trainer.fit(DigitsModule(), digits_loader(limit=512))
+    assert calls == [2, 5, 8]
+    with open(trainer.logger.log_dir + "/metrics.csv") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle) if row.get("lrkfac/preconditioned")]
+    assert steps == [2, 5, 8]
