@@ -19,7 +19,7 @@ from .coverage import coverage_rows, format_coverage
 from .distributed import WORK_MODES, Communicator, balanced_owners
 from .fisher import LIKELIHOODS, sampled_negative_log_likelihood
 from .layers import BIAS_MODES, WEIGHT_SHARING, EmbeddingLayer, KFACLayer
-from .lowrank import DiagPlusLowRankFactor
+from .lowrank import DiagPlusLowRankFactor, all_finite
 from .preconditioner import kl_clip_scale
 
 STATE_VERSION = 1
@@ -337,13 +337,14 @@ class LowRankKFACCallback(Callback):
             a_factor, b_factor = layer.factors
             if a_factor.pending_count == 0 or b_factor.pending_count == 0:
                 continue
-            pending = a_factor.pending_tensors() + b_factor.pending_tensors()
-            valid = torch.stack([torch.isfinite(t).all() for t in pending]).all()
+            a_next = a_factor.blend(self.factor_decay, a_factor.pending_count * world_size)
+            b_next = b_factor.blend(self.factor_decay, b_factor.pending_count * world_size)
+            valid = all_finite(a_next + b_next)  # non-finite statistics give a non-finite next state
             if step_valid is not None:
                 valid = valid & step_valid
-            self.skipped_updates += (~valid).to(self.skipped_updates.dtype)
-            a_factor.fold(self.factor_decay, valid, a_factor.pending_count * world_size)
-            b_factor.fold(self.factor_decay, valid, b_factor.pending_count * world_size)
+            self.skipped_updates += ~valid
+            a_factor.commit(a_next, valid)
+            b_factor.commit(b_next, valid)
 
     def bases_ready(self) -> bool:
         """True once every factor has an eigen-approximation to precondition with."""

@@ -16,6 +16,11 @@ BIAS_MODES = ("augment", "separate")
 WEIGHT_SHARING = ("expand", "reduce")
 
 
+def concat(rows: list[Tensor]) -> Tensor:
+    """The rows of every call stacked; no copy for the usual single call."""
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
 class KFACLayer:
     """One preconditioned module: its two factors and its gradient as an out × in' matrix.
 
@@ -119,14 +124,17 @@ class KFACLayer:
         ``per_example_grad(examples)`` is the multiplier that turns a recorded output gradient
         of a loss averaged over ``examples`` into one example's own gradient.
         """
-        a_factor, b_factor = self.factors
         self._accumulate_inputs(inputs)
         samples = sum(self.num_samples(g) for g in grads)
-        b_rows = torch.cat([self.output_grad_rows(g) for g in grads]).to(b_factor.dtype)
-        b_factor.accumulate(b_rows * per_example_grad(samples / len(grads)), 1.0 / samples)
+        b_rows = concat([self.output_grad_rows(g) for g in grads]).to(self.b_factor.dtype)
+        multiplier = per_example_grad(samples / len(grads))
+        if isinstance(multiplier, Tensor):  # e.g. the AMP loss scale, kept on the device
+            self.b_factor.accumulate(b_rows * multiplier, 1.0 / samples)
+        else:  # (m·rows)ᵀ(m·rows) = m²·rowsᵀrows: no n×d multiply
+            self.b_factor.accumulate(b_rows, multiplier * multiplier / samples)
 
     def _accumulate_inputs(self, inputs: list[Tensor]) -> None:
-        a_rows = torch.cat([self.input_rows(x) for x in inputs])
+        a_rows = concat([self.input_rows(x) for x in inputs])
         self.a_factor.accumulate(a_rows, 1.0 / a_rows.shape[0])
 
     def input_rows(self, inputs: Tensor) -> Tensor:

@@ -24,6 +24,23 @@ from .linalg import nystrom_eigh, random_orthonormal, symmetric_eigh_desc
 from .preconditioner import DiagPlusLowRankInverse, eig_inverse_left, eig_inverse_right
 
 
+def add_scaled(target: Tensor, value: Tensor, weight: float | Tensor) -> None:
+    """target += weight · value in one kernel when the weight is a number."""
+    if isinstance(weight, Tensor):
+        target.add_(weight * value)
+    else:
+        target.add_(value, alpha=weight)
+
+
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """True (a bool tensor, no host sync) when no entry of any tensor is inf or NaN.
+
+    One reduction per tensor: a sum is finite exactly when its entries are (short of an
+    overflow of the sum itself, which would leave the state unusable anyway).
+    """
+    return torch.stack([t.sum() for t in tensors]).isfinite().all()
+
+
 class KroneckerFactor(ABC):
     """One EMA Kronecker factor (A or B) of one layer."""
 
@@ -45,9 +62,7 @@ class KroneckerFactor(ABC):
     # -- statistics -----------------------------------------------------------------
     def accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
         """Add weight · rowsᵀrows (one micro-batch's estimate of the factor) to the pending sum."""
-        rows = rows.to(self.dtype)
-        self.pending_trace += weight * rows.square().sum()
-        self._accumulate(rows, weight)
+        self._accumulate(rows.to(self.dtype), weight)
         self.pending_count += 1
 
     def pending_tensors(self) -> list[Tensor]:
@@ -55,21 +70,36 @@ class KroneckerFactor(ABC):
         return [self.pending_trace, *self._pending()]
 
     def fold(self, decay: float, valid: Tensor, count: int | None = None) -> None:
-        """F ← ρF + (1−ρ)·mean(pending) where ``valid``, else F unchanged; then clear pending.
+        """F ← ρF + (1−ρ)·mean(pending) where ``valid`` and the result is finite, else F unchanged.
 
         ``count`` is the number of micro-batch estimates the pending sums hold (after a
         data-parallel sum it is the global count). The first fold takes the mean as is.
         """
-        count = self.pending_count if count is None else count
-        if count == 0:
+        if (self.pending_count if count is None else count) == 0:
             return
+        updated = self.blend(decay, count)
+        self.commit(updated, valid & all_finite(updated))
+
+    def blend(self, decay: float, count: int | None = None) -> list[Tensor]:
+        """The next EMA state ρF + (1−ρ)·pending/count, computed in place of the pending sums.
+
+        :meth:`commit` must follow. Split from it so that a layer can check both of its
+        factors before either changes.
+        """
+        count = self.pending_count if count is None else count
         rho = decay if self.initialized else 0.0
-        states, pendings = self.state_tensors(), self.pending_tensors()
-        updated = [state * rho + pending * ((1.0 - rho) / count) for state, pending in zip(states, pendings)]
-        valid = valid & torch.stack([torch.isfinite(u).all() for u in updated]).all()
-        for state, pending, new in zip(states, pendings, updated):
+        pendings = self.pending_tensors()
+        for state, pending in zip(self.state_tensors(), pendings):
+            pending.mul_((1.0 - rho) / count)
+            if rho:
+                pending.add_(state, alpha=rho)
+        return pendings
+
+    def commit(self, updated: list[Tensor], valid: Tensor) -> None:
+        """Take the blended state where ``valid`` (a bool tensor: no host sync), then clear pending."""
+        for state, new in zip(self.state_tensors(), updated):
             state.copy_(torch.where(valid, new, state))
-            pending.zero_()
+            new.zero_()
         self.pending_count = 0
         self.initialized = True
 
@@ -147,7 +177,11 @@ class DenseFactor(KroneckerFactor):
         self.eigenvalues = torch.zeros(dim, device=device, dtype=dtype)
 
     def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
-        self.pending_matrix.add_(weight * (rows.mT @ rows))
+        add_scaled(self.pending_trace, rows.square().sum(), weight)
+        if isinstance(weight, Tensor):
+            self.pending_matrix.add_(weight * (rows.mT @ rows))
+        else:
+            self.pending_matrix.addmm_(rows.mT, rows, alpha=weight)
 
     def _pending(self) -> list[Tensor]:
         return [self.pending_matrix]
@@ -186,13 +220,15 @@ class DiagonalFactor(KroneckerFactor):
 
     def accumulate_diagonal(self, diagonal: Tensor, weight: float | Tensor) -> None:
         """Add weight · diagonal, the diagonal of one micro-batch's estimate, to the pending sum."""
-        diagonal = diagonal.to(self.dtype)
-        self.pending_trace += weight * diagonal.sum()
-        self.pending_diag.add_(weight * diagonal)
+        self._add_diagonal(diagonal.to(self.dtype), weight)
         self.pending_count += 1
 
     def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
-        self.pending_diag.add_(weight * rows.square().sum(0))
+        self._add_diagonal(rows.square().sum(0), weight)
+
+    def _add_diagonal(self, diagonal: Tensor, weight: float | Tensor) -> None:
+        add_scaled(self.pending_diag, diagonal, weight)
+        add_scaled(self.pending_trace, diagonal.sum(), weight)
 
     def _pending(self) -> list[Tensor]:
         return [self.pending_diag]
@@ -245,7 +281,14 @@ class SketchedFactor(KroneckerFactor):
         self.eigenvalues = torch.zeros(rank, device=device, dtype=dtype)
 
     def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
-        self.pending_sketch.add_(weight * (rows.mT @ (rows @ self.test)))
+        self._accumulate_sketch(rows, weight)
+        add_scaled(self.pending_trace, rows.square().sum(), weight)
+
+    def _accumulate_sketch(self, rows: Tensor, weight: float | Tensor) -> None:
+        if isinstance(weight, Tensor):
+            self.pending_sketch.add_(weight * (rows.mT @ (rows @ self.test)))
+        else:
+            self.pending_sketch.addmm_(rows.mT, rows @ self.test, alpha=weight)
 
     def _pending(self) -> list[Tensor]:
         return [self.pending_sketch]
@@ -336,8 +379,10 @@ class DiagPlusLowRankFactor(SketchedFactor):
         return self.inverse_left(matrix.mT).mT
 
     def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
-        super()._accumulate(rows, weight)
-        self.pending_diag.add_(weight * rows.square().sum(0))
+        self._accumulate_sketch(rows, weight)
+        diagonal = rows.square().sum(0)
+        add_scaled(self.pending_diag, diagonal, weight)
+        add_scaled(self.pending_trace, diagonal.sum(), weight)
 
     def _pending(self) -> list[Tensor]:
         return [self.pending_sketch, self.pending_diag]
