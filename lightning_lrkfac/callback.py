@@ -208,6 +208,8 @@ class LowRankKFACCallback(Callback):
                 self.skipped_modules[name] = f"groups={module.groups} (only groups=1 is handled)"
             elif isinstance(module, nn.Embedding) and module.sparse:
                 self.skipped_modules[name] = "sparse gradients (sparse=True)"
+            elif isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+                self.skipped_modules[name] = "scale_grad_by_freq=True (its gradient is already frequency-scaled)"
             elif isinstance(module, nn.Embedding):
                 layers.append(EmbeddingLayer(name, module))
             else:

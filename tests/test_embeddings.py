@@ -111,14 +111,24 @@ def test_embeddings_keep_the_plain_gradient_unless_asked():
     assert callback.skipped_modules == {"net.embedding": "nn.Embedding (precondition_embeddings=False)"}
 
 
-def test_sparse_embedding_keeps_the_plain_gradient():
+@pytest.mark.parametrize(
+    "attribute, reason",
+    [
+        ("sparse", "sparse gradients (sparse=True)"),
+        ("scale_grad_by_freq", "scale_grad_by_freq=True (its gradient is already frequency-scaled)"),
+    ],
+)
+def test_sparse_or_frequency_scaled_embedding_keeps_the_plain_gradient(attribute, reason):
     model = SequenceTagger()
-    model.embedding.sparse = True
+    setattr(model.embedding, attribute, True)
     callback = embedding_callback()
     x, y = torch.randint(0, 9, (4, 7)), torch.randint(0, 3, (4, 7))
-    run_one_step(callback, model, x, y, token_loss)
-    assert callback.skipped_modules == {"net.embedding": "sparse gradients (sparse=True)"}
+    plain = run_one_step(None, model, x, y, token_loss)
+    got = run_one_step(callback, model, x, y, token_loss)
+    assert callback.skipped_modules == {"net.embedding": reason}
     assert [layer.name for layer in callback.layers] == ["net.head"]
+    if attribute != "sparse":
+        torch.testing.assert_close(got[0], plain[0], rtol=0, atol=0)
 
 
 def test_tied_weights_keep_the_plain_gradient_and_the_rest_is_preconditioned():
