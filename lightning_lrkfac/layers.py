@@ -38,13 +38,16 @@ class KFACLayer:
     def __init__(self, name: str, module: nn.Module, bias_mode: str, weight_sharing: str = "expand") -> None:
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"KFACLayer handles nn.Linear and nn.Conv2d, got {type(module).__name__}")
-        self.name = name
-        self.module = module
+        has_bias = module.bias is not None and module.bias.requires_grad
+        augment = has_bias and bias_mode == "augment"
+        self._bind(name, module, module.weight[0].numel() + int(augment), module.weight.shape[0], has_bias, augment)
         self.reduce = weight_sharing == "reduce" and isinstance(module, nn.Linear)
-        self.has_bias = module.bias is not None and module.bias.requires_grad
-        self.augment = self.has_bias and bias_mode == "augment"
-        self.out_dim = module.weight.shape[0]
-        self.in_dim = module.weight[0].numel() + int(self.augment)
+
+    def _bind(self, name: str, module: nn.Module, in_dim: int, out_dim: int, has_bias: bool, augment: bool) -> None:
+        """Set the attributes every layer kind has; the factors come later (build_factors)."""
+        self.name, self.module = name, module
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.has_bias, self.augment, self.reduce = has_bias, augment, False
         self.a_factor: KroneckerFactor | None = None
         self.b_factor: KroneckerFactor | None = None
 
@@ -63,14 +66,23 @@ class KFACLayer:
         dtype: torch.dtype,
     ) -> None:
         """Create A (inputs) and B (output gradients): dense when rank ≥ d or d ≤ dense_threshold."""
-        device = self.weight.device
-        a_dim = self.in_dim
-        self.a_factor = (
-            DenseFactor(a_dim, device, dtype)
-            if rank >= a_dim or a_dim <= dense_threshold
-            else LowRankFactor(a_dim, rank, oversampling, generator, device, dtype, isotropic_tail)
-        )
+        self.a_factor = self._input_factor(rank, oversampling, dense_threshold, isotropic_tail, generator, dtype=dtype)
         self.b_factor = self._output_factor(rank, oversampling, dense_threshold, generator, dtype)
+
+    def _input_factor(
+        self,
+        rank: int,
+        oversampling: int,
+        dense_threshold: int,
+        isotropic_tail: bool,
+        generator: torch.Generator,
+        dtype: torch.dtype,
+    ) -> KroneckerFactor:
+        """A: dense when rank ≥ in or in ≤ dense_threshold, else rank_k(A) (plus an isotropic tail if asked)."""
+        device, dim = self.weight.device, self.in_dim
+        if rank >= dim or dim <= dense_threshold:
+            return DenseFactor(dim, device, dtype)
+        return LowRankFactor(dim, rank, oversampling, generator, device, dtype, isotropic_tail)
 
     def _output_factor(
         self, rank: int, oversampling: int, dense_threshold: int, generator: torch.Generator, dtype: torch.dtype
@@ -216,25 +228,11 @@ class EmbeddingLayer(KFACLayer):
     def __init__(self, name: str, module: nn.Module) -> None:
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"EmbeddingLayer handles nn.Embedding, got {type(module).__name__}")
-        self.name = name
-        self.module = module
-        self.reduce = False
-        self.has_bias = self.augment = False
-        self.in_dim, self.out_dim = module.num_embeddings, module.embedding_dim
-        self.a_factor: KroneckerFactor | None = None
-        self.b_factor: KroneckerFactor | None = None
+        self._bind(name, module, module.num_embeddings, module.embedding_dim, has_bias=False, augment=False)
 
-    def build_factors(
-        self,
-        rank: int,
-        oversampling: int,
-        dense_threshold: int,
-        isotropic_tail: bool,
-        generator: torch.Generator,
-        dtype: torch.dtype,
-    ) -> None:
-        self.a_factor = DiagonalFactor(self.in_dim, self.weight.device, dtype)
-        self.b_factor = self._output_factor(rank, oversampling, dense_threshold, generator, dtype)
+    def _input_factor(self, *_: object, dtype: torch.dtype) -> KroneckerFactor:
+        """A: the exact diagonal of token frequencies, whatever the rank."""
+        return DiagonalFactor(self.in_dim, self.weight.device, dtype)
 
     def _accumulate_inputs(self, inputs: list[Tensor]) -> None:
         """A: per-token counts over all positions (scatter-add: no host sync), divided by the positions."""
