@@ -1,4 +1,5 @@
-"""Drive the callback's hooks for one optimizer step without a Trainer (for exact comparisons)."""
+"""Drive the callback's hooks for one optimizer step without a Trainer, and the dense reference
+it is compared with (for exact comparisons)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,10 @@ def run_one_step(callback, model, x, y, loss_fn=F.cross_entropy, refreshes: int 
         callback.on_before_optimizer_step(trainer, wrapper, optimizer)
     callback.teardown(trainer, wrapper, "fit")
     return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def damped_natural(A: torch.Tensor, B: torch.Tensor, G: torch.Tensor, damping: float) -> torch.Tensor:
+    """(B + δ_B I)⁻¹ G (A + δ_A I)⁻¹ with π-damping (δ_A = π√λ, δ_B = √λ/π), by dense solves."""
+    pi = ((A.trace() / A.shape[0]) / (B.trace() / B.shape[0])).sqrt()
+    left = torch.linalg.solve(B + damping**0.5 / pi * torch.eye(B.shape[0], dtype=B.dtype), G)
+    return left @ torch.linalg.inv(A + pi * damping**0.5 * torch.eye(A.shape[0], dtype=A.dtype))

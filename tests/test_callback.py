@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 from lightning_lrkfac import LowRankKFACCallback
 
 from .conftest import mlp
-from .helpers import run_one_step
+from .helpers import damped_natural, run_one_step
 
 
 def dense_kfac_augmented(model: nn.Sequential, x, y, damping):
@@ -35,12 +35,7 @@ def dense_kfac_augmented(model: nn.Sequential, x, y, damping):
         a = torch.cat([inputs[m], torch.ones(n, 1, dtype=x.dtype)], 1)
         g = grads[m] * n
         A, B = a.T @ a / n, g.T @ g / n
-        pi = ((A.trace() / A.shape[0]) / (B.trace() / B.shape[0])).sqrt()
-        da, db = pi * damping**0.5, damping**0.5 / pi
-        G = torch.cat([m.weight.grad, m.bias.grad[:, None]], 1)
-        P = torch.linalg.solve(B + db * torch.eye(B.shape[0], dtype=x.dtype), G) @ torch.linalg.inv(
-            A + da * torch.eye(A.shape[0], dtype=x.dtype)
-        )
+        P = damped_natural(A, B, torch.cat([m.weight.grad, m.bias.grad[:, None]], 1), damping)
         out += [P[:, :-1], P[:, -1]]
     return out
 

@@ -15,7 +15,7 @@ from lightning_lrkfac.lowrank import DiagonalFactor
 from lightning_lrkfac.models import GPTLanguageModel
 
 from .conftest import import_asdl
-from .helpers import run_one_step
+from .helpers import damped_natural, run_one_step
 from .test_callback import quiet_trainer
 
 
@@ -24,13 +24,6 @@ def embedding_callback(damping: float = 1e-2, **options) -> LowRankKFACCallback:
         rank=64, damping=damping, kl_clip=None, factor_dtype="float64", log_stats=False,
         precondition_embeddings=True, **options,
     )  # fmt: skip
-
-
-def damped_natural(A: torch.Tensor, B: torch.Tensor, G: torch.Tensor, damping: float) -> torch.Tensor:
-    """(B + δ_B I)⁻¹ G (A + δ_A I)⁻¹ with π-damping, by dense float64 solves."""
-    pi = ((A.trace() / A.shape[0]) / (B.trace() / B.shape[0])).sqrt()
-    left = torch.linalg.solve(B + damping**0.5 / pi * torch.eye(B.shape[0]), G)
-    return left @ torch.linalg.inv(A + pi * damping**0.5 * torch.eye(A.shape[0]))
 
 
 def test_embedding_matches_asdl_kron_factors():

@@ -14,7 +14,7 @@ from pytorch_lightning.plugins import MixedPrecision
 
 from lightning_lrkfac import LowRankKFACCallback
 
-from .helpers import _Module, fake_trainer, run_one_step
+from .helpers import _Module, damped_natural, fake_trainer, run_one_step
 from .test_callback import DigitsModule, digits_loader, quiet_trainer
 
 
@@ -146,12 +146,8 @@ def test_layer_used_twice_gets_kfac_expand_statistics():
         a = torch.cat([torch.cat([h1, ones], 1), torch.cat([h2, ones], 1)])
         g = torch.cat([g1, g2]) * 12  # per-example gradients of the mean loss
         A, B = a.T @ a / 24, g.T @ g / 24
-        pi = ((A.trace() / 6) / (B.trace() / 5)).sqrt()
         damping = 1e-2
-        G = torch.cat([weight_grad, bias_grad[:, None]], 1)
-        expected = torch.linalg.solve(B + damping**0.5 / pi * torch.eye(5), G) @ torch.linalg.inv(
-            A + pi * damping**0.5 * torch.eye(6)
-        )
+        expected = damped_natural(A, B, torch.cat([weight_grad, bias_grad[:, None]], 1), damping)
         callback = LowRankKFACCallback(rank=16, damping=damping, kl_clip=None, factor_dtype="float64", log_stats=False)
         grads = run_one_step(callback, model, x, y)
     finally:

@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_lrkfac import LowRankKFACCallback
+from lightning_lrkfac.data import ArithmeticSequencesDataModule
 
-from .helpers import run_one_step
+from .helpers import damped_natural, run_one_step
 from .test_callback import quiet_trainer
 
 
@@ -58,11 +59,7 @@ def dense_reference(model: TinyEncoder, x, y, damping: float, sharing: str) -> d
             a, g = a.mean(1), (grads[name] * n).sum(1)
         a = torch.cat([a, torch.ones(a.shape[0], 1)], 1)
         A, B = a.T @ a / a.shape[0], g.T @ g / g.shape[0]
-        pi = ((A.trace() / A.shape[0]) / (B.trace() / B.shape[0])).sqrt()
-        G = torch.cat([param_grads[2 * i], param_grads[2 * i + 1][:, None]], 1)
-        P = torch.linalg.solve(B + damping**0.5 / pi * torch.eye(B.shape[0]), G) @ torch.linalg.inv(
-            A + pi * damping**0.5 * torch.eye(A.shape[0])
-        )
+        P = damped_natural(A, B, torch.cat([param_grads[2 * i], param_grads[2 * i + 1][:, None]], 1), damping)
         expected[f"{name}.weight"], expected[f"{name}.bias"] = P[:, :-1], P[:, -1]
     return expected
 
@@ -140,25 +137,18 @@ class TinyLM(pl.LightningModule):
         return self.out(self.block(h, src_mask=self.mask[: tokens.shape[1], : tokens.shape[1]], is_causal=True))
 
     def training_step(self, batch, batch_idx):
-        (tokens,) = batch
-        logits = self(tokens[:, :-1])
-        return token_loss(logits, tokens[:, 1:])
+        tokens, next_tokens = batch
+        return token_loss(self(tokens), next_tokens)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
-def generated_sequences(count: int = 512, length: int = 13, vocab: int = 16) -> torch.utils.data.TensorDataset:
-    """Arithmetic progressions mod vocab with a random start and step: predictable after two tokens."""
-    generator = torch.Generator().manual_seed(0)
-    start = torch.randint(0, vocab, (count, 1), generator=generator)
-    step = torch.randint(1, 4, (count, 1), generator=generator)
-    return torch.utils.data.TensorDataset((start + step * torch.arange(length)) % vocab)
-
-
 def test_small_transformer_language_model_trains_with_the_callback():
     torch.manual_seed(0)
-    data = generated_sequences()
+    sequences = ArithmeticSequencesDataModule(vocab_size=16, length=13, num_sequences=640, max_step=3, noise=0.0)
+    sequences.setup()
+    data = sequences.train_set
     loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
     model = TinyLM()
     with torch.no_grad():
