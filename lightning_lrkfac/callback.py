@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import options as opt
 from .capture import ActivationCapture
-from .coverage import coverage_rows, format_coverage
+from .coverage import coverage_rows, format_coverage, parameter_holders
 from .distributed import WORK_MODES, Communicator, balanced_owners
 from .fisher import LIKELIHOODS, sampled_negative_log_likelihood
 from .layers import BIAS_MODES, WEIGHT_SHARING, EmbeddingLayer, KFACLayer
@@ -184,10 +184,7 @@ class LowRankKFACCallback(Callback):
             if isinstance(module, nn.MultiheadAttention)
         }
         # A parameter held by several modules (tied weights) gets the gradient of all its uses.
-        holders: dict[int, list[str]] = {}
-        for name, module in model.named_modules():
-            for parameter in module.parameters(recurse=False):
-                holders.setdefault(id(parameter), []).append(name)
+        holders = parameter_holders(model)
         for name, module in model.named_modules():
             if not isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
                 continue

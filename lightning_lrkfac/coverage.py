@@ -10,6 +10,15 @@ from .layers import KFACLayer
 from .lowrank import DenseFactor, DiagonalFactor, KroneckerFactor
 
 
+def parameter_holders(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) → the names of the modules holding it directly (several for tied weights)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for parameter in module.parameters(recurse=False):
+            holders.setdefault(id(parameter), []).append(name)
+    return holders
+
+
 def _describe(factor: KroneckerFactor) -> str:
     if isinstance(factor, DenseFactor):
         return f"dense {factor.dim}"
@@ -29,18 +38,14 @@ def coverage_rows(model: nn.Module, layers: list[KFACLayer], skipped: dict[str, 
         handled[id(layer.module.weight)] = how
         if layer.has_bias:
             handled[id(layer.module.bias)] = how + (", bias augmented" if layer.augment else ", bias B⁻¹g")
-    owners = {
-        id(parameter): module_name
-        for module_name, module in model.named_modules()
-        for parameter in module.parameters(recurse=False)
-    }
+    holders = parameter_holders(model)
     rows = []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         how = handled.get(id(parameter))
         if how is None:
-            reason = skipped.get(owners.get(id(parameter), ""), "not a weight of a handled module type")
+            reason = skipped.get(holders[id(parameter)][-1], "not a weight of a handled module type")
             how = f"plain gradient ({reason})"
         rows.append(
             {"parameter": name, "numel": parameter.numel(), "preconditioned": id(parameter) in handled, "how": how}

@@ -32,6 +32,14 @@ def add_scaled(target: Tensor, value: Tensor, weight: float | Tensor) -> None:
         target.add_(value, alpha=weight)
 
 
+def add_product(target: Tensor, left: Tensor, right: Tensor, weight: float | Tensor) -> None:
+    """target += weight · left @ right, fused (addmm_) when the weight is a number."""
+    if isinstance(weight, Tensor):
+        target.add_(weight * (left @ right))
+    else:
+        target.addmm_(left, right, alpha=weight)
+
+
 def all_finite(tensors: list[Tensor]) -> Tensor:
     """True (a bool tensor, no host sync) when no entry of any tensor is inf or NaN.
 
@@ -178,10 +186,7 @@ class DenseFactor(KroneckerFactor):
 
     def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
         add_scaled(self.pending_trace, rows.square().sum(), weight)
-        if isinstance(weight, Tensor):
-            self.pending_matrix.add_(weight * (rows.mT @ rows))
-        else:
-            self.pending_matrix.addmm_(rows.mT, rows, alpha=weight)
+        add_product(self.pending_matrix, rows.mT, rows, weight)
 
     def _pending(self) -> list[Tensor]:
         return [self.pending_matrix]
@@ -285,10 +290,7 @@ class SketchedFactor(KroneckerFactor):
         add_scaled(self.pending_trace, rows.square().sum(), weight)
 
     def _accumulate_sketch(self, rows: Tensor, weight: float | Tensor) -> None:
-        if isinstance(weight, Tensor):
-            self.pending_sketch.add_(weight * (rows.mT @ (rows @ self.test)))
-        else:
-            self.pending_sketch.addmm_(rows.mT, rows @ self.test, alpha=weight)
+        add_product(self.pending_sketch, rows.mT, rows @ self.test, weight)
 
     def _pending(self) -> list[Tensor]:
         return [self.pending_sketch]
