@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_lrkfac import LowRankKFACCallback
-from lightning_lrkfac.data import DigitsDataModule
-from lightning_lrkfac.models import MLPClassifier
+from lightning_lrkfac.examples.data import DigitsDataModule
+from lightning_lrkfac.examples.models import MLPClassifier
 
 from .common import RESULTS, device_record, print_table, pyplot, write_json
 from .training import quiet_trainer

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from torch import nn
 
-from lightning_lrkfac.layers import KFACLayer
+from lightning_lrkfac import LowRankKFAC
 
 from .common import RESULTS, print_table, pyplot, write_json
 
@@ -38,9 +37,11 @@ def resnet18_layers(num_classes: int = 1000) -> list[tuple[str, nn.Module]]:
 def per_step_bytes(rank: int, oversampling: int = 8) -> dict[str, float]:
     """Bytes of one step's statistics all-reduce, and of what layerwise work broadcasts."""
     statistics = dense = gradients = bases = 0
-    for name, module in resnet18_layers():
-        layer = KFACLayer(name, module, bias_mode="augment")
-        layer.build_factors(rank, oversampling, 0, False, torch.Generator().manual_seed(0), torch.float32)
+    kfac = LowRankKFAC(
+        nn.Sequential(*(module for _, module in resnet18_layers())), rank=rank, oversampling=oversampling
+    )
+    kfac.build()
+    for layer in kfac.layers:
         statistics += sum(t.numel() for f in layer.factors for t in f.pending_tensors()) * FLOAT32
         dense += (layer.in_dim**2 + layer.out_dim**2) * FLOAT32
         gradients += layer.in_dim * layer.out_dim * FLOAT32

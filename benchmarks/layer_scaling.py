@@ -11,6 +11,7 @@ import argparse
 
 import torch
 
+from lightning_lrkfac import LowRankKFAC
 from lightning_lrkfac.layers import KFACLayer
 
 from .common import RESULTS, device_record, median_seconds, pyplot, write_json
@@ -27,32 +28,28 @@ def state_bytes(layer: KFACLayer) -> int:
     return sum(storages.values())
 
 
-def one_step(layer: KFACLayer, a_rows: torch.Tensor, g_rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    a_factor, b_factor = layer.factors
-    a_factor.accumulate(a_rows, 1.0 / a_rows.shape[0])
-    b_factor.accumulate(g_rows, 1.0 / g_rows.shape[0])
-    valid = torch.ones((), dtype=torch.bool, device=grad.device)
-    a_factor.fold(0.95, valid)
-    b_factor.fold(0.95, valid)
-    a_factor.refresh()
-    b_factor.refresh()
-    layer.prepare_inverses(1e-3)
-    return layer.precondition([grad])[0]
+def one_step(kfac: LowRankKFAC, a_rows: torch.Tensor, g_rows: torch.Tensor, grad: torch.Tensor) -> None:
+    """One engine step that updates the factors, refreshes the bases and preconditions (every step)."""
+    layer = kfac.layers[0]
+    layer.weight.grad.copy_(grad)  # the engine preconditions .grad in place: start from the same gradient
+    layer.accumulate([a_rows], [g_rows], lambda examples: 1.0)  # rows as the capture hands them over
+    kfac.step()
 
 
 def measure(dim: int, rank: int, batch: int, device: torch.device, repeats: int) -> dict[str, float]:
     linear = torch.nn.Linear(dim, dim, bias=False).to(device)
-    layer = KFACLayer("layer", linear, bias_mode="augment")
-    layer.build_factors(rank, 8, 0, False, torch.Generator().manual_seed(0), torch.float32)
+    linear.weight.grad = torch.zeros_like(linear.weight)
+    kfac = LowRankKFAC(torch.nn.Sequential(linear), rank=rank, kl_clip=None, basis_update_interval=1)
+    kfac.build()
     a_rows, g_rows = torch.randn(batch, dim, device=device), torch.randn(batch, dim, device=device)
     grad = torch.randn(dim, dim, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
-    seconds = median_seconds(lambda: one_step(layer, a_rows, g_rows, grad), device, repeats)
+    seconds = median_seconds(lambda: one_step(kfac, a_rows, g_rows, grad), device, repeats)
     # Peak memory above what was allocated before the step (CUDA only; the CPU allocator is not tracked).
     peak = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else None
-    return {"seconds": seconds, "state_bytes": state_bytes(layer), "peak_bytes": peak}
+    return {"seconds": seconds, "state_bytes": state_bytes(kfac.layers[0]), "peak_bytes": peak}
 
 
 def asdl_seconds(dim: int, batch: int, device: torch.device, repeats: int) -> float | None:

@@ -17,8 +17,8 @@ from functools import partial
 import torch
 
 from lightning_lrkfac import LowRankKFACCallback
-from lightning_lrkfac.data import ArithmeticSequencesDataModule, DigitsDataModule, MNIST1DDataModule
-from lightning_lrkfac.models import CNNClassifier, GPTLanguageModel, MLPClassifier, ResNet18Classifier
+from lightning_lrkfac.examples.data import ArithmeticSequencesDataModule, DigitsDataModule, MNIST1DDataModule
+from lightning_lrkfac.examples.models import CNNClassifier, GPTLanguageModel, MLPClassifier, ResNet18Classifier
 
 from .common import RESULTS, device_record, print_table, pyplot, write_json
 from .training import StepTimer, quiet_trainer

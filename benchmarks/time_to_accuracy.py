@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from lightning_lrkfac import LowRankKFACCallback
-from lightning_lrkfac.data import DigitsDataModule, MNIST1DDataModule
-from lightning_lrkfac.models import MLPClassifier
+from lightning_lrkfac.examples.data import DigitsDataModule, MNIST1DDataModule
+from lightning_lrkfac.examples.models import MLPClassifier
 
 from .common import RESULTS, device_record, print_table, pyplot, write_json
 from .training import TargetTracker, quiet_trainer, tensors

@@ -10,8 +10,8 @@ import argparse
 import pytorch_lightning as pl
 
 from lightning_lrkfac import LowRankKFACCallback
-from lightning_lrkfac.data import DigitsDataModule
-from lightning_lrkfac.models import MLPClassifier
+from lightning_lrkfac.examples.data import DigitsDataModule
+from lightning_lrkfac.examples.models import MLPClassifier
 
 
 def main(max_epochs: int = 10, fast_dev_run: bool = False) -> float:

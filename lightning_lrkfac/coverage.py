@@ -6,17 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from .layers import KFACLayer
+from .layers import KFACLayer, parameter_holders
 from .lowrank import DenseFactor, DiagonalFactor, KroneckerFactor
-
-
-def parameter_holders(model: nn.Module) -> dict[int, list[str]]:
-    """id(parameter) → the names of the modules holding it directly (several for tied weights)."""
-    holders: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        for parameter in module.parameters(recurse=False):
-            holders.setdefault(id(parameter), []).append(name)
-    return holders
 
 
 def _describe(factor: KroneckerFactor) -> str:
@@ -31,10 +22,7 @@ def coverage_rows(model: nn.Module, layers: list[KFACLayer], skipped: dict[str, 
     """One row per trainable parameter: name, size, whether preconditioned, how, factor ranks."""
     handled = {}
     for layer in layers:
-        kind = type(layer.module).__name__
-        if isinstance(layer.module, (nn.Linear, nn.Embedding)):
-            kind += " (reduce)" if layer.reduce else " (expand)"
-        how = f"K-FAC {kind}, A {_describe(layer.a_factor)}, B {_describe(layer.b_factor)}"
+        how = f"K-FAC {layer.describe()}, A {_describe(layer.a_factor)}, B {_describe(layer.b_factor)}"
         handled[id(layer.module.weight)] = how
         if layer.has_bias:
             handled[id(layer.module.bias)] = how + (", bias augmented" if layer.augment else ", bias B⁻¹g")
@@ -58,8 +46,6 @@ def format_coverage(rows: list[dict[str, Any]]) -> str:
     total = sum(row["numel"] for row in rows) or 1
     covered = sum(row["numel"] for row in rows if row["preconditioned"])
     width = max([len(row["parameter"]) for row in rows] + [9])
-    lines = [
-        f"LowRankKFACCallback coverage: {covered:,} of {total:,} parameters preconditioned ({covered / total:.1%})"
-    ]
+    lines = [f"LowRankKFAC coverage: {covered:,} of {total:,} parameters preconditioned ({covered / total:.1%})"]
     lines += [f"  {row['parameter']:<{width}}  {row['numel']:>10,}  {row['how']}" for row in rows]
     return "\n".join(lines)

@@ -1,46 +1,189 @@
-"""Validation of the callback's options: every error names the option and what is allowed."""
+"""Every option of low-rank K-FAC, declared once: default, allowed values, meaning, checkpoint role.
+
+:class:`KFACOptions` is the single declaration. The engine takes it (or its fields as
+keywords); the callback's explicit keyword arguments must agree with it (a test checks
+names, defaults and types, since LightningCLI reads the callback's signature); the README
+table is :func:`markdown_table`; the checkpoint signature is :meth:`KFACOptions.signature`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from numbers import Real
+from typing import Any
 
 import torch
 
-FISHER_TYPES = ("empirical", "mc")
-LOSS_REDUCTIONS = ("mean", "sum")
+from .schedules import Schedule
+
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def require(condition: bool, option: str, allowed: str, value: object) -> None:
-    """Raise ``ValueError`` naming ``option``, the allowed values and the value given."""
-    if not condition:
-        raise ValueError(f"LowRankKFACCallback: `{option}` must be {allowed}, got {value!r}")
+@dataclass(frozen=True)
+class Check:
+    """A validity test and the words that describe what passes it."""
+
+    allowed: str
+    test: Callable[[Any], bool]
+
+    def __call__(self, option: str, value: Any) -> None:
+        if not self.test(value):
+            raise ValueError(f"LowRankKFAC: `{option}` must be {self.allowed}, got {value!r}")
 
 
-def positive_int(option: str, value: object) -> None:
-    require(isinstance(value, int) and not isinstance(value, bool) and value > 0, option, "a positive integer", value)
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def non_negative_int(option: str, value: object) -> None:
-    require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, option, "an integer ≥ 0", value)
+def _number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
-def positive_float(option: str, value: object) -> None:
-    require(
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and float(value) > 0
-        and float(value) < float("inf"),
-        option,
-        "a finite number > 0",
-        value,
+def one_of(*allowed: Any) -> Check:
+    return Check("one of " + ", ".join("null" if a is None else repr(a) for a in allowed), lambda v: v in allowed)
+
+
+def scheduled(check: Check) -> Check:
+    """A number passing ``check``, or a callable of the step whose value at step 0 passes it."""
+
+    def test(value: Any) -> bool:
+        if callable(value):
+            try:
+                return check.test(value(0))
+            except Exception:  # a schedule that cannot be evaluated is not valid
+                return False
+        return check.test(value)
+
+    return Check(f"{check.allowed}, or a schedule (callable of the step) giving one", test)
+
+
+POSITIVE_INT = Check("a positive integer", lambda v: _integer(v) and v > 0)
+NON_NEGATIVE_INT = Check("an integer ≥ 0", lambda v: _integer(v) and v >= 0)
+POSITIVE = Check("a finite number > 0", lambda v: _number(v) and v > 0)
+DECAY = Check("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1)
+BOOL = Check("true or false", lambda v: isinstance(v, bool))
+INTEGER = Check("an integer", _integer)
+PATTERNS = Check(
+    "a list of module-name glob patterns (or null)",
+    lambda v: v is None or (not isinstance(v, str) and all(isinstance(p, str) for p in v)),
+)
+NAME_OR_NULL = Check("a module name or null", lambda v: v is None or isinstance(v, str))
+
+
+def option(default: Any, meaning: str, check: Check, *, checkpoint: bool = False) -> Any:
+    """A dataclass field carrying its meaning, its check and whether checkpoints must agree on it."""
+    return field(default=default, metadata={"meaning": meaning, "check": check, "checkpoint": checkpoint})
+
+
+@dataclass(frozen=True)
+class KFACOptions:
+    """The options of :class:`~lightning_lrkfac.LowRankKFAC`, validated on construction."""
+
+    rank: int = option(
+        32, "eigenpairs kept per factor (k); factors of size ≤ k are kept dense (exact)", POSITIVE_INT, checkpoint=True
+    )
+    oversampling: int = option(
+        8, "extra sketch columns (p) of the subspace iteration", NON_NEGATIVE_INT, checkpoint=True
+    )
+    damping: float | Schedule = option(
+        1e-3, "Tikhonov λ, split by π-damping: δ_A = π√λ, δ_B = √λ/π", scheduled(POSITIVE)
+    )
+    factor_decay: float | Schedule = option(0.95, "EMA decay ρ of the factors", scheduled(DECAY))
+    factor_update_interval: int = option(1, "fold a batch into the factors every this many steps", POSITIVE_INT)
+    basis_update_interval: int = option(
+        10, "refresh the low-rank bases / eigendecompositions every this many steps", POSITIVE_INT
+    )
+    warmup_steps: int = option(0, "steps that only collect statistics before preconditioning", NON_NEGATIVE_INT)
+    kl_clip: float | Schedule | None = option(
+        1e-3,
+        "scale the step so that Σ η_g²⟨P, G⟩ ≤ kl_clip, η_g the learning rate of each parameter's group "
+        "(Ba et al. 2017); null disables",
+        Check(f"null or {scheduled(POSITIVE).allowed}", lambda v: v is None or scheduled(POSITIVE).test(v)),
+    )
+    isotropic_tail: bool = option(
+        False, "A ≈ UΛUᵀ + σ(I − UUᵀ), σ the mean dropped eigenvalue (the trace is exact)", BOOL
+    )
+    bias_mode: str = option(
+        "augment",
+        "`augment`: bias as a ones column of A (one block); `separate`: B⁻¹g_b (asdl's convention)",
+        one_of("augment", "separate"),
+        checkpoint=True,
+    )
+    weight_sharing: str = option(
+        "expand",
+        "Linear on (batch, positions…, features): `expand` (each position an example) or `reduce` "
+        "(average inputs / sum output grads over positions; batch first)",
+        one_of("expand", "reduce"),
+        checkpoint=True,
+    )
+    precondition_embeddings: bool = option(
+        False, "also precondition `nn.Embedding`: exact diagonal A (token frequencies), B over the width", BOOL
+    )
+    dense_threshold: int = option(0, "also keep factors of size ≤ this dense", NON_NEGATIVE_INT, checkpoint=True)
+    include: list[str] | None = option(None, "glob patterns of module names to handle (null: all)", PATTERNS)
+    exclude: list[str] | None = option(None, "glob patterns of module names to leave plain", PATTERNS)
+    fisher_type: str = option(
+        "empirical",
+        "`empirical`: B from the training loss's gradients; `mc`: true Fisher, B from a loss on labels "
+        "sampled from the model (one extra partial backward, no extra forward)",
+        one_of("empirical", "mc"),
+        checkpoint=True,
+    )
+    mc_output_module: str | None = option(
+        None, "for `mc`: name of the module whose output is the prediction (null: last handled layer)", NAME_OR_NULL
+    )
+    likelihood: str = option(
+        "categorical",
+        "for `mc`: `categorical` (logits in the last dim) or `gaussian` (unit variance, regression)",
+        one_of("categorical", "gaussian"),
+    )
+    loss_reduction: str = option("mean", "how the loss reduces over examples", one_of("mean", "sum"))
+    factor_dtype: str | None = option(
+        None,
+        "dtype of the curvature state; null: float64 for float64 layers, else float32 (also under AMP)",
+        one_of(None, *FACTOR_DTYPES),
+        checkpoint=True,
+    )
+    seed: int = option(0, "seeds the random initial bases and the Monte-Carlo labels", INTEGER)
+    work_distribution: str = option(
+        "replicate",
+        "under DDP: `replicate` (every rank does every layer) or `layerwise` (one owner per layer, results broadcast)",
+        one_of("replicate", "layerwise"),
+    )
+    log_stats: bool = option(
+        True,
+        "the callback logs `metrics()` as `lrkfac/*` on the steps the loggers write: damping, "
+        "`captured_trace/<layer>/{A,B}`, SPD repairs, skipped updates, ms of curvature work",
+        BOOL,
     )
 
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            spec.metadata["check"](spec.name, getattr(self, spec.name))
 
-def one_of(option: str, value: object, allowed: Sequence[str]) -> None:
-    require(value in allowed, option, "one of " + ", ".join(repr(a) for a in allowed), value)
+    def signature(self) -> dict[str, Any]:
+        """The options a checkpoint's curvature state depends on: they must match to resume."""
+        return {spec.name: getattr(self, spec.name) for spec in fields(self) if spec.metadata["checkpoint"]}
 
 
-def patterns(option: str, value: object) -> None:
-    ok = value is None or (not isinstance(value, str) and all(isinstance(p, str) for p in value))
-    require(ok, option, "a list of module-name glob patterns (or null)", value)
+def markdown_table() -> str:
+    """The README's option table, generated from :class:`KFACOptions`."""
+    lines = ["| option | default | allowed | meaning |", "|---|---|---|---|"]
+    for spec in fields(KFACOptions):
+        default = "null" if spec.default is None else repr(spec.default).lower().replace("'", "")
+        lines.append(f"| `{spec.name}` | {default} | {spec.metadata['check'].allowed} | {spec.metadata['meaning']} |")
+    return "\n".join(lines)
+
+
+def args_docstring() -> str:
+    """The options as a Google-style ``Args:`` section (the engine's and the callback's docstrings)."""
+    lines = ["Args:"]
+    for spec in fields(KFACOptions):
+        lines.append(f"    {spec.name}: {spec.metadata['meaning']} ({spec.metadata['check'].allowed}).")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

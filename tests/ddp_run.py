@@ -1,69 +1,80 @@
-"""One DDP (or single-process) training run for tests/test_distributed.py; run as a script.
+"""One data-parallel (or single-process) training run for tests/test_distributed.py; run as a script.
 
-Lightning's "ddp" strategy re-launches this file once per rank (gloo on CPU). Every rank
-writes its parameters and the callback's bookkeeping to ``<out>/rank<r>.pt``.
+``--driver lightning``: Lightning's "ddp" strategy re-launches this file once per rank (gloo on
+CPU) and the callback drives the engine. ``--driver engine``: plain ``torch.distributed``
+(spawned gloo ranks, torch's DistributedDataParallel) and a plain loop that calls the engine;
+no Lightning. Every rank writes its parameters and the engine's bookkeeping to ``<out>/rank<r>.pt``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
-import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 
-from lightning_lrkfac import LowRankKFACCallback
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.helpers`, run as a script
 
+from lightning_lrkfac import LowRankKFAC  # noqa: E402
+from tests.helpers import DigitsModule, digits_tensors  # noqa: E402
 
-class DigitsMLP(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10))
-
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self.net(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+LR = 0.1
 
 
-class OrderedShards(pl.LightningDataModule):
+def kfac_options(args: argparse.Namespace) -> dict:
+    return dict(rank=args.rank, oversampling=4, basis_update_interval=2, work_distribution=args.work, log_stats=False)
+
+
+def shard_loader(world_size: int, rank: int, global_batch: int) -> torch.utils.data.DataLoader:
     """Rank r of W gets examples r, r+W, …, unshuffled: with local batch G/W, the ranks' batch t
     together are examples [t·G, (t+1)·G), exactly the single-process batch t of size G."""
+    dataset = torch.utils.data.TensorDataset(*digits_tensors(limit=512))
+    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=global_batch // world_size, sampler=sampler)
 
-    def __init__(self, global_batch: int) -> None:
-        super().__init__()
-        self.global_batch = global_batch
-        x, y = load_digits(return_X_y=True)
-        self.dataset = torch.utils.data.TensorDataset(
-            torch.tensor(x[:512] / 16.0, dtype=torch.float32), torch.tensor(y[:512])
+
+def new_model() -> DigitsModule:
+    torch.manual_seed(0)
+    return DigitsModule(lr=LR, width=32)
+
+
+def save(out: Path, rank: int, model: torch.nn.Module, engine: LowRankKFAC | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"parameters": {name: p.detach().clone() for name, p in model.named_parameters()}}
+    if engine is not None:
+        record.update(
+            curvature={
+                f"{name}.{factor}.{key}": value
+                for name, entry in engine.state_dict()["layers"].items()
+                for factor in ("A", "B")
+                for key, value in entry[factor]["tensors"].items()
+            },
+            owners=engine.owners,
+            world_size=engine.comm.world_size,
+            bytes=engine.comm.bytes_by_kind,
+            layers=[
+                (layer.name, type(layer.a_factor).__name__, type(layer.b_factor).__name__) for layer in engine.layers
+            ],
+            pending_numel=sum(t.numel() for layer in engine.layers for f in layer.factors for t in f.pending_tensors()),
         )
-
-    def train_dataloader(self):
-        world_size, rank = self.trainer.world_size, self.trainer.global_rank
-        sampler = torch.utils.data.DistributedSampler(self.dataset, world_size, rank, shuffle=False)
-        return torch.utils.data.DataLoader(self.dataset, batch_size=self.global_batch // world_size, sampler=sampler)
+    torch.save(record, out / f"rank{rank}.pt")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--global-batch", type=int, default=64)
-    parser.add_argument("--rank", type=int, default=8, help="K-FAC rank (≥ 65: exact mode)")
-    parser.add_argument("--work", default="replicate")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--plain", action="store_true", help="no callback (plain SGD), to check the harness")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+def run_lightning(args: argparse.Namespace) -> None:
+    import pytorch_lightning as pl
 
-    torch.set_num_threads(1)
+    from lightning_lrkfac import LowRankKFACCallback
+
+    class Shards(pl.LightningDataModule):
+        def train_dataloader(self):
+            return shard_loader(self.trainer.world_size, self.trainer.global_rank, args.global_batch)
+
     pl.seed_everything(0, verbose=False)
-    callback = LowRankKFACCallback(
-        rank=args.rank, oversampling=4, basis_update_interval=2, work_distribution=args.work, log_stats=False
-    )
+    callback = LowRankKFACCallback(**kfac_options(args))
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -76,31 +87,52 @@ def main() -> None:
         enable_model_summary=False,
         use_distributed_sampler=False,
     )
-    torch.manual_seed(0)
-    model = DigitsMLP()
-    trainer.fit(model, OrderedShards(args.global_batch))
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "parameters": {name: p.detach().clone() for name, p in model.named_parameters()},
-            "curvature": {
-                f"{name}.{factor}.{key}": value
-                for name, entry in callback.state_dict().get("layers", {}).items()
-                for factor in ("A", "B")
-                for key, value in entry[factor]["tensors"].items()
-            },
-            "owners": callback.owners,
-            "world_size": callback.comm.world_size,
-            "bytes": callback.comm.bytes_by_kind,
-            "layers": [
-                (layer.name, type(layer.a_factor).__name__, type(layer.b_factor).__name__) for layer in callback.layers
-            ],
-            "pending_numel": sum(
-                t.numel() for layer in callback.layers for f in layer.factors for t in f.pending_tensors()
-            ),
-        },
-        args.out / f"rank{trainer.global_rank}.pt",
-    )
+    model = new_model()
+    trainer.fit(model, Shards())
+    save(args.out, trainer.global_rank, model, None if args.plain else callback.engine)
+
+
+def engine_worker(rank: int, args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    if args.devices > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=args.devices)
+    model = new_model()
+    net = torch.nn.parallel.DistributedDataParallel(model) if args.devices > 1 else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    options = kfac_options(args)
+    options.pop("log_stats")
+    with LowRankKFAC(model, **options) as kfac:
+        batches = iter(shard_loader(args.devices, rank, args.global_batch))
+        for _ in range(args.steps):
+            x, y = next(batches)
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            kfac.step(lr=optimizer)
+            optimizer.step()
+    save(args.out, rank, model, kfac)
+    if args.devices > 1:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--driver", choices=("lightning", "engine"), default="lightning")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--global-batch", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=8, help="K-FAC rank (≥ 65: exact mode)")
+    parser.add_argument("--work", default="replicate")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--plain", action="store_true", help="no callback (plain SGD), to check the harness")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.driver == "lightning":
+        run_lightning(args)
+    elif args.devices > 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        torch.multiprocessing.spawn(engine_worker, args=(args,), nprocs=args.devices)
+    else:
+        engine_worker(0, args)
 
 
 if __name__ == "__main__":

@@ -1,58 +1,39 @@
-"""Drive the callback's hooks for one optimizer step without a Trainer, and the dense reference
-it is compared with (for exact comparisons)."""
+"""Test helpers: one preconditioned step through the engine, the dense reference it is compared with,
+and the one digits model, loader and quiet Trainer that the Lightning tests share."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
+import pytorch_lightning as pl
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from sklearn.datasets import load_digits
+
+from lightning_lrkfac import LowRankKFAC
 
 
-class _Module(torch.nn.Module):
-    """Wraps a plain model in what the callback's setup() inspects."""
-
-    automatic_optimization = True
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
+def plain_grads(model, x, y, loss_fn=F.cross_entropy) -> list[torch.Tensor]:
+    """Every parameter's plain gradient after one forward/backward."""
+    model.zero_grad()
+    loss_fn(model(x), y).backward()
+    return [p.grad.detach().clone() for p in model.parameters()]
 
 
-def fake_trainer(global_step: int = 0, accumulate: int = 1) -> SimpleNamespace:
-    return SimpleNamespace(
-        global_step=global_step,
-        accumulate_grad_batches=accumulate,
-        precision_plugin=SimpleNamespace(),
-        optimizers=[object()],
-    )
-
-
-def run_one_step(callback, model, x, y, loss_fn=F.cross_entropy, refreshes: int = 1):
-    """Gradients after one forward/backward, preconditioned by ``callback`` if given.
+def kfac_grads(model, x, y, loss_fn=F.cross_entropy, refreshes: int = 1, **options):
+    """(gradients after one engine-preconditioned step, the engine); plain PyTorch, no Trainer.
 
     ``refreshes`` > 1 folds the same batch that many times first (decay keeps the factor
-    equal to this batch's statistics), so the low-rank bases converge on it.
+    equal to this batch's statistics); with ``basis_update_interval=1`` the low-rank bases
+    then converge on it.
     """
-    model.zero_grad()
-    if callback is None:
-        loss_fn(model(x), y).backward()
-        return [p.grad.detach().clone() for p in model.parameters()]
-    wrapper = _Module(model)
-    trainer = fake_trainer()
-    callback.setup(trainer, wrapper, "fit")
-    callback.on_fit_start(trainer, wrapper)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(refreshes):
-        model.zero_grad()
-        callback.on_train_batch_start(trainer, wrapper, None, 0)
-        loss = loss_fn(model(x), y)
-        callback.on_before_backward(trainer, wrapper, loss)
-        loss.backward()
-        callback.on_after_backward(trainer, wrapper)
-        callback.on_before_optimizer_step(trainer, wrapper, optimizer)
-    callback.teardown(trainer, wrapper, "fit")
-    return [p.grad.detach().clone() for p in model.parameters()]
+    with LowRankKFAC(model, **options) as kfac:
+        for _ in range(refreshes):
+            model.zero_grad()
+            loss = loss_fn(model(x), y)
+            kfac.before_backward()
+            loss.backward()
+            kfac.step(lr=0.1)
+    return [p.grad.detach().clone() for p in model.parameters()], kfac
 
 
 def damped_natural(A: torch.Tensor, B: torch.Tensor, G: torch.Tensor, damping: float) -> torch.Tensor:
@@ -60,3 +41,63 @@ def damped_natural(A: torch.Tensor, B: torch.Tensor, G: torch.Tensor, damping: f
     pi = ((A.trace() / A.shape[0]) / (B.trace() / B.shape[0])).sqrt()
     left = torch.linalg.solve(B + damping**0.5 / pi * torch.eye(B.shape[0], dtype=B.dtype), G)
     return left @ torch.linalg.inv(A + pi * damping**0.5 * torch.eye(A.shape[0], dtype=A.dtype))
+
+
+class DigitsModule(pl.LightningModule):
+    """64-w-w-10 MLP (LayerNorm before the head) on sklearn's digits, SGD with momentum."""
+
+    def __init__(self, lr: float = 0.05, width: int = 64) -> None:
+        super().__init__()
+        self.lr = lr
+        self.body = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.head(self.norm(self.body(x)))
+
+    def training_step(self, batch, batch_idx):
+        loss = F.cross_entropy(self(batch[0]), batch[1])
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def digits_tensors(limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    return (x[:limit], y[:limit]) if limit else (x, y)
+
+
+def digits_loader(batch_size=64, limit=None, shuffle=True):
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(*digits_tensors(limit)),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+class GradRecorder(pl.Callback):
+    """Records every parameter's gradient as the optimizer sees it (after all earlier callbacks)."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}

@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 from lightning_lrkfac import LowRankKFACCallback
 
 from .conftest import mlp
-from .helpers import damped_natural, run_one_step
+from .helpers import DigitsModule, GradRecorder, damped_natural, digits_loader, kfac_grads, quiet_trainer
 
 
 def dense_kfac_augmented(model: nn.Sequential, x, y, damping):
@@ -45,12 +45,7 @@ def test_exact_mode_augmented_bias_matches_dense_reference():
     try:
         model, x, y = mlp([6, 8, 4]), torch.randn(10, 6), torch.randint(0, 4, (10,))
         expected = dense_kfac_augmented(model, x, y, 1e-2)
-        got = run_one_step(
-            LowRankKFACCallback(rank=16, damping=1e-2, kl_clip=None, factor_dtype="float64", log_stats=False),
-            model,
-            x,
-            y,
-        )
+        got, _ = kfac_grads(model, x, y, rank=16, damping=1e-2, kl_clip=None)
     finally:
         torch.set_default_dtype(torch.float32)
     for g, e in zip(got, expected):
@@ -64,61 +59,15 @@ def test_low_rank_direction_approaches_exact_kfac_as_rank_grows():
     y = torch.tensor(y_all[:512])
     model = nn.Sequential(nn.Linear(64, 96), nn.Tanh(), nn.Linear(96, 96), nn.Tanh(), nn.Linear(96, 10))
     flat = lambda grads: torch.cat([g.flatten() for g in grads])  # noqa: E731
-    exact = flat(run_one_step(LowRankKFACCallback(rank=128, kl_clip=None, log_stats=False), model, x, y))
+    exact = flat(kfac_grads(model, x, y, rank=128, kl_clip=None)[0])
     cosines = []
     for rank in (2, 8, 32, 64):
-        callback = LowRankKFACCallback(rank=rank, oversampling=rank, kl_clip=None, log_stats=False)
-        direction = flat(run_one_step(callback, model, x, y, refreshes=8))
+        options = dict(rank=rank, oversampling=rank, kl_clip=None, basis_update_interval=1)
+        direction = flat(kfac_grads(model, x, y, refreshes=8, **options)[0])
         cosines.append(float(F.cosine_similarity(direction, exact, dim=0)))
     print("cosine to exact K-FAC for k = 2, 8, 32, 64:", cosines)
     assert all(b > a - 0.005 for a, b in zip(cosines, cosines[1:])), cosines
     assert cosines[-1] > cosines[0] + 0.05 and cosines[-1] > 0.95, cosines
-
-
-class DigitsModule(pl.LightningModule):
-    def __init__(self, lr: float = 0.05) -> None:
-        super().__init__()
-        self.lr = lr
-        self.body = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
-        self.norm = nn.LayerNorm(64)
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x):
-        return self.head(self.norm(self.body(x)))
-
-    def training_step(self, batch, batch_idx):
-        loss = F.cross_entropy(self(batch[0]), batch[1])
-        self.log("train_loss", loss, on_step=False, on_epoch=True)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-
-
-def digits_loader(batch_size=64, limit=None):
-    x, y = load_digits(return_X_y=True)
-    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
-    if limit:
-        x, y = x[:limit], y[:limit]
-    return torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x, y),
-        batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(0),
-    )
-
-
-def quiet_trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
 
 
 def test_trainer_run_on_digits_lowers_training_loss():
@@ -130,17 +79,7 @@ def test_trainer_run_on_digits_lowers_training_loss():
     trainer.fit(model, digits_loader())
     losses.append(float(trainer.callback_metrics["train_loss"]))
     assert losses[0] < 0.5, losses  # the initial loss is ln 10 ≈ 2.3
-    assert [layer.name for layer in callback.layers] == ["body.0", "body.2", "head"]
-
-
-class _GradRecorder(pl.Callback):
-    """Records every parameter's gradient as the optimizer sees it (after all earlier callbacks)."""
-
-    def __init__(self) -> None:
-        self.grads: dict[str, torch.Tensor] = {}
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+    assert [layer.name for layer in callback.engine.layers] == ["body.0", "body.2", "head"]
 
 
 def test_only_handled_layers_get_preconditioned_gradients():
@@ -151,7 +90,7 @@ def test_only_handled_layers_get_preconditioned_gradients():
         ("kfac", [LowRankKFACCallback(rank=8, exclude=["body.2"], log_stats=False)]),
     ):
         torch.manual_seed(0)
-        recorder = _GradRecorder()
+        recorder = GradRecorder()
         quiet_trainer(max_steps=1, callbacks=callbacks + [recorder]).fit(DigitsModule(), batches)
         records[name] = recorder.grads
     plain, kfac = records["plain"], records["kfac"]

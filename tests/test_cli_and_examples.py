@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lightning_lrkfac.cli import main as lrkfac
-from lightning_lrkfac.models import require_torchvision
+from lightning_lrkfac.examples.models import require_torchvision
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -49,7 +49,7 @@ def test_callback_options_settable_from_command_line(tmp_path, monkeypatch):
 
     cli = LRKFACCLI(subclass_mode_model=True, subclass_mode_data=True, args=cli_args, run=False)
     callbacks = [c for c in cli.trainer.callbacks if type(c).__name__ == "LowRankKFACCallback"]
-    assert len(callbacks) == 1 and callbacks[0].rank == 4
+    assert len(callbacks) == 1 and callbacks[0].options.rank == 4
 
 
 def test_main_job_reaches_good_test_accuracy(tmp_path, monkeypatch, capsys):

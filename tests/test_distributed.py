@@ -1,4 +1,5 @@
-"""Data parallelism: 2 gloo ranks launched by Lightning's DDP strategy vs one process with the global batch."""
+"""Data parallelism: 2 gloo ranks (Lightning's DDP strategy, or plain torch.distributed driving the engine)
+vs one process with the global batch."""
 
 from __future__ import annotations
 
@@ -53,10 +54,16 @@ def runs(tmp_path_factory) -> dict[str, dict[int, dict]]:
         "ddp_lowrank_layerwise_again": run(root / "ddp_lowrank_layerwise_again", "--work", "layerwise"),
         "ddp_lowrank_replicate": run(root / "ddp_lowrank_replicate", "--work", "replicate"),
         "ddp_exact_layerwise": run(root / "ddp_exact_layerwise", "--rank", "128", "--work", "layerwise"),
+        "engine_lowrank_layerwise": run(root / "engine_lowrank_layerwise", "--driver", "engine", "--work", "layerwise"),
+        "engine_lowrank_replicate": run(root / "engine_lowrank_replicate", "--driver", "engine", "--work", "replicate"),
     }
 
 
-@pytest.mark.parametrize("name", ["ddp_lowrank_layerwise", "ddp_lowrank_replicate", "ddp_exact_layerwise"])
+DATA_PARALLEL = ["ddp_lowrank_layerwise", "ddp_lowrank_replicate", "ddp_exact_layerwise"]
+ENGINE = ["engine_lowrank_layerwise", "engine_lowrank_replicate"]
+
+
+@pytest.mark.parametrize("name", DATA_PARALLEL + ENGINE)
 def test_ranks_end_identical_and_equal_to_one_process_with_the_global_batch(runs, name):
     ranks = runs[name]
     assert sorted(ranks) == [0, 1] and ranks[0]["world_size"] == 2
@@ -68,9 +75,10 @@ def test_ranks_end_identical_and_equal_to_one_process_with_the_global_batch(runs
     assert max_relative_difference(runs["single_lowrank"][0]["parameters"], runs["single_exact"][0]["parameters"]) > 0.1
 
 
-def test_layerwise_ranks_hold_the_same_complete_curvature_state(runs):
+@pytest.mark.parametrize("name", ["ddp_lowrank_layerwise", "engine_lowrank_layerwise"])
+def test_layerwise_ranks_hold_the_same_complete_curvature_state(runs, name):
     """Non-owners receive the bases and prepare the damped inverses too: any rank's checkpoint is complete."""
-    ranks = runs["ddp_lowrank_layerwise"]
+    ranks = runs[name]
     curvature = ranks[0]["curvature"]
     assert any(key.endswith("B.inverse_core") for key in curvature)
     assert curvature.keys() == ranks[1]["curvature"].keys()
@@ -83,8 +91,9 @@ def test_ddp_run_is_deterministic_for_a_fixed_seed(runs):
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
-def test_layerwise_work_spreads_layers_and_communicates_sketches_not_matrices(runs):
-    ranks = runs["ddp_lowrank_layerwise"]
+@pytest.mark.parametrize("driver", ["ddp", "engine"])
+def test_layerwise_work_spreads_layers_and_communicates_sketches_not_matrices(runs, driver):
+    ranks = runs[f"{driver}_lowrank_layerwise"]
     owners = ranks[0]["owners"]
     assert owners == ranks[1]["owners"] and set(owners) == {0, 1}
     assert [kinds for _, *kinds in ranks[0]["layers"]] == [["LowRankFactor", "DiagPlusLowRankFactor"]] * 3
@@ -96,7 +105,7 @@ def test_layerwise_work_spreads_layers_and_communicates_sketches_not_matrices(ru
     # Each rank broadcast the bases and gradients of the layers it owns; replicate mode sends none.
     for rank in (0, 1):
         assert ranks[rank]["bytes"]["bases"] > 0 and ranks[rank]["bytes"]["gradients"] > 0
-    assert set(runs["ddp_lowrank_replicate"][0]["bytes"]) == {"statistics"}
+    assert set(runs[f"{driver}_lowrank_replicate"][0]["bytes"]) == {"statistics"}
 
 
 def test_balanced_owners_is_greedy_largest_first():

@@ -10,20 +10,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_lrkfac import LowRankKFACCallback
-from lightning_lrkfac.data import ArithmeticSequencesDataModule
+from lightning_lrkfac.examples.data import ArithmeticSequencesDataModule
+from lightning_lrkfac.examples.models import GPTLanguageModel
 from lightning_lrkfac.lowrank import DiagonalFactor
-from lightning_lrkfac.models import GPTLanguageModel
 
 from .conftest import import_asdl
-from .helpers import damped_natural, run_one_step
-from .test_callback import quiet_trainer
+from .helpers import damped_natural, kfac_grads, plain_grads, quiet_trainer
 
-
-def embedding_callback(damping: float = 1e-2, **options) -> LowRankKFACCallback:
-    return LowRankKFACCallback(
-        rank=64, damping=damping, kl_clip=None, factor_dtype="float64", log_stats=False,
-        precondition_embeddings=True, **options,
-    )  # fmt: skip
+EMBEDDING_OPTIONS = dict(rank=64, damping=1e-2, kl_clip=None, factor_dtype="float64", precondition_embeddings=True)
 
 
 def test_embedding_matches_asdl_kron_factors():
@@ -42,9 +36,9 @@ def test_embedding_matches_asdl_kron_factors():
             maker.setup_loss_call(F.cross_entropy, maker.setup_model_call(model, x), y)
             maker.forward_and_backward()
         kron = model[0].fisher.kron
-        plain = run_one_step(None, model, x, y)
+        plain = plain_grads(model, x, y)
         expected = damped_natural(kron.A.double(), kron.B.double(), plain[0].T, 1e-2).T
-        got = run_one_step(embedding_callback(), model, x, y)
+        got, _ = kfac_grads(model, x, y, **EMBEDDING_OPTIONS)
     finally:
         torch.set_default_dtype(torch.float32)
     assert not torch.allclose(expected, plain[0], atol=1e-3)
@@ -84,12 +78,11 @@ def test_embedding_on_sequences_matches_one_hot_linear_expand_reference(padding_
         per_token = output_grad.reshape(positions, -1) * positions
         A, B = one_hot.T @ one_hot / positions, per_token.T @ per_token / positions
         expected = damped_natural(A, B, weight_grad.T, 1e-2).T
-        callback = embedding_callback()
-        got = run_one_step(callback, model, x, y, token_loss)
+        got, kfac = kfac_grads(model, x, y, token_loss, **EMBEDDING_OPTIONS)
     finally:
         torch.set_default_dtype(torch.float32)
     torch.testing.assert_close(got[0], expected, rtol=1e-9, atol=1e-12)
-    a_factor = callback.layers[0].a_factor
+    a_factor = kfac.layers[0].a_factor
     assert isinstance(a_factor, DiagonalFactor) and a_factor.diag.shape == (9,)
     if padding_idx is not None:
         assert float(a_factor.diag[padding_idx]) == 0.0 and float(got[0][padding_idx].abs().max()) == 0.0
@@ -97,11 +90,10 @@ def test_embedding_on_sequences_matches_one_hot_linear_expand_reference(padding_
 
 def test_embeddings_keep_the_plain_gradient_unless_asked():
     model, x, y = SequenceTagger(), torch.randint(0, 9, (4, 7)), torch.randint(0, 3, (4, 7))
-    plain = run_one_step(None, model, x, y, token_loss)
-    callback = LowRankKFACCallback(rank=64, kl_clip=None, log_stats=False)
-    got = run_one_step(callback, model, x, y, token_loss)
+    plain = plain_grads(model, x, y, token_loss)
+    got, kfac = kfac_grads(model, x, y, token_loss, rank=64, kl_clip=None)
     torch.testing.assert_close(got[0], plain[0], rtol=0, atol=0)
-    assert callback.skipped_modules == {"net.embedding": "nn.Embedding (precondition_embeddings=False)"}
+    assert kfac.skipped_modules == {"embedding": "nn.Embedding (precondition_embeddings=False)"}
 
 
 @pytest.mark.parametrize(
@@ -114,12 +106,11 @@ def test_embeddings_keep_the_plain_gradient_unless_asked():
 def test_sparse_or_frequency_scaled_embedding_keeps_the_plain_gradient(attribute, reason):
     model = SequenceTagger()
     setattr(model.embedding, attribute, True)
-    callback = embedding_callback()
     x, y = torch.randint(0, 9, (4, 7)), torch.randint(0, 3, (4, 7))
-    plain = run_one_step(None, model, x, y, token_loss)
-    got = run_one_step(callback, model, x, y, token_loss)
-    assert callback.skipped_modules == {"net.embedding": reason}
-    assert [layer.name for layer in callback.layers] == ["net.head"]
+    plain = plain_grads(model, x, y, token_loss)
+    got, kfac = kfac_grads(model, x, y, token_loss, **EMBEDDING_OPTIONS)
+    assert kfac.skipped_modules == {"embedding": reason}
+    assert [layer.name for layer in kfac.layers] == ["head"]
     if attribute != "sparse":
         torch.testing.assert_close(got[0], plain[0], rtol=0, atol=0)
 
@@ -129,12 +120,12 @@ def test_tied_weights_keep_the_plain_gradient_and_the_rest_is_preconditioned():
     model = GPTLanguageModel(vocab_size=12, context=6, width=16, depth=1, heads=2, tie_weights=True)
     x, y = torch.randint(0, 12, (5, 6)), torch.randint(0, 12, (5, 6))
     names = [name for name, _ in model.named_parameters()]
-    plain = dict(zip(names, run_one_step(None, model, x, y, token_loss)))
-    callback = embedding_callback()
-    got = dict(zip(names, run_one_step(callback, model, x, y, token_loss)))
+    plain = dict(zip(names, plain_grads(model, x, y, token_loss)))
+    grads, kfac = kfac_grads(model, x, y, token_loss, **EMBEDDING_OPTIONS)
+    got = dict(zip(names, grads))
     torch.testing.assert_close(got["tokens.weight"], plain["tokens.weight"], rtol=0, atol=0)
-    assert callback.skipped_modules["net.tokens"] == "parameter shared with ['net.head'] (tied weights)"
-    assert callback.skipped_modules["net.head"] == "parameter shared with ['net.tokens'] (tied weights)"
+    assert kfac.skipped_modules["tokens"] == "parameter shared with ['head'] (tied weights)"
+    assert kfac.skipped_modules["head"] == "parameter shared with ['tokens'] (tied weights)"
     for name in ("positions.weight", "blocks.0.attention.qkv.weight", "blocks.0.mlp.2.weight"):
         assert not torch.allclose(got[name], plain[name], rtol=1e-3), name
 
@@ -158,11 +149,11 @@ def test_gpt_language_model_trains_with_preconditioned_embeddings():
     with torch.no_grad():
         after = float(token_loss(model(x), y))
     assert after < 0.5 * before, (before, after)
-    assert int(callback.skipped_updates) == 0
-    rows = {row["parameter"]: row for row in callback.coverage}
+    assert int(callback.engine.skipped_updates) == 0
+    rows = {row["parameter"]: row for row in callback.engine.coverage}
     assert rows["tokens.weight"]["how"] == "K-FAC Embedding (expand), A diagonal 16, B rank 8/32"
     assert rows["positions.weight"]["preconditioned"] and rows["head.weight"]["preconditioned"]
     assert not rows["norm.weight"]["preconditioned"]
     # The embedding factors were filled and used: token frequencies sum to one per position.
-    tokens_layer = next(layer for layer in callback.layers if layer.name == "tokens")
+    tokens_layer = next(layer for layer in callback.engine.layers if layer.name == "tokens")
     assert abs(float(tokens_layer.a_factor.diag.sum()) - 1.0) < 1e-5

@@ -1,4 +1,4 @@
-"""Exact mode (rank ≥ d) must reproduce dense K-FAC from asdl (fisher_emp) to float tolerance."""
+"""Exact mode (rank ≥ d) of the engine must reproduce dense K-FAC from asdl (fisher_emp) to float tolerance."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_lrkfac.callback import LowRankKFACCallback
-
 from .conftest import import_asdl, mlp, small_cnn
-from .helpers import run_one_step
+from .helpers import kfac_grads, plain_grads
 
 
 def asdl_preconditioned(model, x, y, damping):
@@ -36,11 +34,8 @@ def test_exact_mode_matches_asdl(builder, shape, damping):
         x = torch.randn(*shape)
         y = torch.randint(0, 3, (shape[0],))
         expected = asdl_preconditioned(model, x, y, damping)
-        callback = LowRankKFACCallback(
-            rank=64, damping=damping, bias_mode="separate", kl_clip=None, factor_dtype="float64", log_stats=False
-        )
-        got = run_one_step(callback, model, x, y)
-        plain = run_one_step(None, model, x, y)
+        got, _ = kfac_grads(model, x, y, rank=64, damping=damping, bias_mode="separate", kl_clip=None)
+        plain = plain_grads(model, x, y)
     finally:
         torch.set_default_dtype(torch.float32)
     for g, e, p in zip(got, expected, plain):

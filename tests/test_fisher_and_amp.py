@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins import MixedPrecision
 
-from lightning_lrkfac import LowRankKFACCallback
+from lightning_lrkfac import LowRankKFAC, LowRankKFACCallback
 
-from .helpers import _Module, damped_natural, fake_trainer, run_one_step
-from .test_callback import DigitsModule, digits_loader, quiet_trainer
+from .helpers import DigitsModule, damped_natural, digits_loader, kfac_grads, quiet_trainer
 
 
 def true_fisher_b(model: nn.Sequential, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -31,21 +30,16 @@ def true_fisher_b(model: nn.Sequential, layer: nn.Linear, x: torch.Tensor) -> to
     return total.detach() / x.shape[0]
 
 
-def mc_b_factor(callback: LowRankKFACCallback, model: nn.Sequential, x, y, steps: int) -> dict:
-    """Drive the hooks for ``steps`` factor updates on the same batch (no parameter change)."""
-    wrapper, trainer = _Module(model), fake_trainer()
-    callback.setup(trainer, wrapper, "fit")
-    callback.on_fit_start(trainer, wrapper)
-    for _ in range(steps):
-        model.zero_grad()
-        callback.on_train_batch_start(trainer, wrapper, None, 0)
-        loss = F.cross_entropy(model(x), y)
-        callback.on_before_backward(trainer, wrapper, loss)
-        loss.backward()
-        callback.on_after_backward(trainer, wrapper)
-        callback.fold_statistics()
-    callback.teardown(trainer, wrapper, "fit")
-    return {layer.module: layer.b_factor.matrix.clone() for layer in callback.layers}
+def mc_b_factor(model: nn.Sequential, x, y, steps: int, **options) -> dict:
+    """``steps`` engine steps with factor updates on the same batch (no parameter change: no optimizer)."""
+    with LowRankKFAC(model, **options) as kfac:
+        for _ in range(steps):
+            model.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            kfac.before_backward()
+            loss.backward()
+            kfac.step()
+    return {layer.module: layer.b_factor.matrix.clone() for layer in kfac.layers}
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -59,9 +53,9 @@ def test_mc_fisher_b_converges_to_the_true_fisher_and_the_empirical_one_does_not
         model[2].weight.mul_(4.0)  # confident predictions, so the empirical Fisher is far from the true one
     x, y = torch.randn(64, 5), torch.randint(0, 4, (64,))
     reference = {layer: true_fisher_b(model, layer, x) for layer in (model[0], model[2])}
-    options = dict(rank=64, factor_decay=0.99, kl_clip=None, log_stats=False, factor_dtype="float64")
-    mc = mc_b_factor(LowRankKFACCallback(fisher_type="mc", **options), model, x, y, steps=600)
-    empirical = mc_b_factor(LowRankKFACCallback(**options), model, x, y, steps=2)
+    options = dict(rank=64, factor_decay=0.99, kl_clip=None, factor_dtype="float64")
+    mc = mc_b_factor(model, x, y, steps=600, fisher_type="mc", **options)
+    empirical = mc_b_factor(model, x, y, steps=2, **options)
     for layer, expected in reference.items():
         expected = expected.double()
         assert relative_error(mc[layer], expected) < 0.06, relative_error(mc[layer], expected)
@@ -73,10 +67,8 @@ def test_mc_fisher_gaussian_likelihood_b_is_identity_at_the_output():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
     x, y = torch.randn(128, 3), torch.zeros(128, dtype=torch.long)
-    callback = LowRankKFACCallback(
-        fisher_type="mc", likelihood="gaussian", rank=64, factor_decay=0.98, kl_clip=None, log_stats=False
-    )
-    b = mc_b_factor(callback, model, x, y, steps=300)[model[2]]
+    options = dict(fisher_type="mc", likelihood="gaussian", rank=64, factor_decay=0.98, kl_clip=None)
+    b = mc_b_factor(model, x, y, steps=300, **options)[model[2]]
     torch.testing.assert_close(b, torch.eye(2), atol=0.05, rtol=0)
 
 
@@ -105,7 +97,7 @@ def test_mc_fisher_in_a_trainer_run_one_forward_per_step_and_lower_loss():
         after = sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in loader) / 512
     assert counter.forwards == trainer.global_step == 24
     assert after < 0.5 * before
-    assert callback.bases_ready() and int(callback.skipped_updates) == 0
+    assert callback.engine.bases_ready() and int(callback.engine.skipped_updates) == 0
 
 
 def test_mc_output_module_must_exist_and_be_reached():
@@ -148,8 +140,7 @@ def test_layer_used_twice_gets_kfac_expand_statistics():
         A, B = a.T @ a / 24, g.T @ g / 24
         damping = 1e-2
         expected = damped_natural(A, B, torch.cat([weight_grad, bias_grad[:, None]], 1), damping)
-        callback = LowRankKFACCallback(rank=16, damping=damping, kl_clip=None, factor_dtype="float64", log_stats=False)
-        grads = run_one_step(callback, model, x, y)
+        grads, _ = kfac_grads(model, x, y, rank=16, damping=damping, kl_clip=None, factor_dtype="float64")
     finally:
         torch.set_default_dtype(torch.float32)
     torch.testing.assert_close(grads[2], expected[:, :-1], rtol=1e-10, atol=1e-12)
@@ -168,7 +159,7 @@ def test_16_mixed_unscales_statistics_and_keeps_float32_factors():
         callback = LowRankKFACCallback(rank=128, log_stats=False)
         trainer = quiet_trainer(max_steps=3, plugins=plugins, callbacks=[callback])
         trainer.fit(DigitsModule(), digits_loader(limit=192))
-        factors[name] = [f.matrix for layer in callback.layers for f in layer.factors]
+        factors[name] = [f.matrix for layer in callback.engine.layers for f in layer.factors]
     assert trainer.precision_plugin.scaler.get_scale() >= 2.0**15
     for fp16, fp32 in zip(factors["fp16"], factors["fp32"]):
         assert fp16.dtype == torch.float32
@@ -191,7 +182,7 @@ class FactorSnapshots(pl.Callback):
         self.callback, self.traces = callback, []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.traces.append([f.trace.clone() for layer in self.callback.layers for f in layer.factors])
+        self.traces.append([f.trace.clone() for layer in self.callback.engine.layers for f in layer.factors])
 
 
 def test_16_mixed_step_skipped_by_the_scaler_leaves_no_curvature_trace():
@@ -204,7 +195,7 @@ def test_16_mixed_step_skipped_by_the_scaler_leaves_no_curvature_trace():
     before, skipped, after = snapshots.traces
     assert all(torch.equal(s, b) for s, b in zip(skipped, before))
     assert not all(torch.equal(a, s) for a, s in zip(after, skipped))
-    assert int(callback.skipped_updates) == len(callback.layers)
+    assert int(callback.engine.skipped_updates) == len(callback.engine.layers)
 
 
 def test_logged_metrics_reach_the_logger(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lightning_lrkfac.layers import KFACLayer
+from lightning_lrkfac.layers import Conv2dLayer, LinearLayer
 
 
 @pytest.mark.parametrize(
@@ -20,7 +20,7 @@ from lightning_lrkfac.layers import KFACLayer
     ],
 )
 def test_conv_rows_reproduce_forward_and_weight_grad(conv):
-    layer = KFACLayer("conv", conv, bias_mode="augment")
+    layer = Conv2dLayer("conv", conv, bias_mode="augment")
     x = torch.randn(2, 3, 7, 8)
     out = conv(x)
     rows = layer.input_rows(x)
@@ -38,7 +38,7 @@ def test_conv_rows_reproduce_forward_and_weight_grad(conv):
 
 def test_linear_rows_on_sequences_flatten_positions():
     linear = nn.Linear(5, 3)
-    layer = KFACLayer("lin", linear, bias_mode="augment")
+    layer = LinearLayer("lin", linear, bias_mode="augment")
     x = torch.randn(2, 4, 5)
     out = linear(x)
     grad_out = torch.randn_like(out)
@@ -51,7 +51,7 @@ def test_linear_rows_on_sequences_flatten_positions():
 
 def test_write_grads_round_trip_separate_bias():
     linear = nn.Linear(5, 3)
-    layer = KFACLayer("lin", linear, bias_mode="separate")
+    layer = LinearLayer("lin", linear, bias_mode="separate")
     linear(torch.randn(4, 5)).sum().backward()
     matrix, bias = torch.randn(3, 5), torch.randn(3, 1)
     layer.write_grads(matrix, bias)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lightning_lrkfac import LowRankKFACCallback
 
-from .test_callback import DigitsModule, _GradRecorder, digits_loader, quiet_trainer
+from .helpers import DigitsModule, GradRecorder, digits_loader, quiet_trainer
 
 
 def test_gradient_accumulation_equals_one_big_batch_in_exact_mode():
@@ -20,7 +20,7 @@ def test_gradient_accumulation_equals_one_big_batch_in_exact_mode():
     grads = {}
     for name, batch_size, accumulate in (("big", 64, 1), ("micro", 32, 2)):
         torch.manual_seed(0)
-        recorder = _GradRecorder()
+        recorder = GradRecorder()
         loader = torch.utils.data.DataLoader(digits_loader(limit=64).dataset, batch_size=batch_size, shuffle=False)
         callback = LowRankKFACCallback(rank=128, kl_clip=None, factor_dtype="float64", log_stats=False)
         quiet_trainer(max_steps=1, accumulate_grad_batches=accumulate, callbacks=[callback, recorder]).fit(
@@ -43,7 +43,7 @@ def test_gradient_clipping_applies_to_the_preconditioned_gradient():
     model = DigitsModule(lr=1.0)
     model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=1.0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    recorder, steps = _GradRecorder(), StepRecorder()
+    recorder, steps = GradRecorder(), StepRecorder()
     callback = LowRankKFACCallback(rank=8, kl_clip=None, log_stats=False)
     quiet_trainer(
         max_steps=1, gradient_clip_val=0.01, gradient_clip_algorithm="norm", callbacks=[callback, recorder, steps]
@@ -84,6 +84,7 @@ def test_checkpoint_with_other_shapes_or_options_fails_clearly():
     callback = LowRankKFACCallback(rank=8, log_stats=False)
     quiet_trainer(max_steps=2, callbacks=[callback]).fit(DigitsModule(), digits_loader(limit=128))
     state = callback.state_dict()
+    assert state["steps"] == 2
     other = LowRankKFACCallback(rank=4, log_stats=False)
     other.load_state_dict(state)  # before fit: kept until the factors exist, then checked
     with pytest.raises(ValueError, match="options"):
@@ -126,8 +127,8 @@ def test_non_finite_statistics_are_skipped_and_counted():
     model = Poisoned()
     model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.0)  # keep parameters finite
     quiet_trainer(max_steps=3, callbacks=[callback]).fit(model, digits_loader(limit=256))
-    assert int(callback.skipped_updates) >= 1
-    for layer in callback.layers:
+    assert int(callback.engine.skipped_updates) >= 1
+    for layer in callback.engine.layers:
         for factor in layer.factors:
             assert all(torch.isfinite(t).all() for t in factor.state_tensors())
 
@@ -142,8 +143,8 @@ def test_frozen_and_bias_free_layers():
     torch.manual_seed(0)
     callback = LowRankKFACCallback(rank=8, log_stats=False)
     quiet_trainer(max_steps=3, callbacks=[callback]).fit(Mixed(), digits_loader(limit=256))
-    assert [layer.name for layer in callback.layers] == ["body.2", "head"]
-    assert callback.skipped_modules == {"body.0": "frozen weight"}
+    assert [layer.name for layer in callback.engine.layers] == ["body.2", "head"]
+    assert callback.engine.skipped_modules == {"body.0": "frozen weight"}
 
 
 def test_bf16_mixed_keeps_float32_factors():
@@ -151,7 +152,7 @@ def test_bf16_mixed_keeps_float32_factors():
     callback = LowRankKFACCallback(rank=8, log_stats=False)
     trainer = quiet_trainer(max_epochs=2, precision="bf16-mixed", callbacks=[callback])
     trainer.fit(DigitsModule(), digits_loader(limit=512))
-    for layer in callback.layers:
+    for layer in callback.engine.layers:
         for factor in layer.factors:
             assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in factor.state_tensors())
-    assert int(callback.skipped_updates) == 0
+    assert int(callback.engine.skipped_updates) == 0

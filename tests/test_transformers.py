@@ -9,10 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_lrkfac import LowRankKFACCallback
-from lightning_lrkfac.data import ArithmeticSequencesDataModule
+from lightning_lrkfac.examples.data import ArithmeticSequencesDataModule
 
-from .helpers import damped_natural, run_one_step
-from .test_callback import quiet_trainer
+from .helpers import damped_natural, kfac_grads, plain_grads, quiet_trainer
 
 
 class TinyEncoder(nn.Module):
@@ -71,11 +70,10 @@ def test_exact_mode_on_an_encoder_layer_matches_flattened_and_reduced_references
         torch.manual_seed(0)
         model, x, y = TinyEncoder(), torch.randn(4, 5, 6), torch.randint(0, 3, (4, 5))
         expected = dense_reference(model, x, y, 1e-2, sharing)
-        callback = LowRankKFACCallback(
-            rank=64, damping=1e-2, kl_clip=None, factor_dtype="float64", weight_sharing=sharing, log_stats=False
-        )
-        plain = dict(zip([n for n, _ in model.named_parameters()], run_one_step(None, model, x, y, token_loss)))
-        got = dict(zip([n for n, _ in model.named_parameters()], run_one_step(callback, model, x, y, token_loss)))
+        names = [n for n, _ in model.named_parameters()]
+        plain = dict(zip(names, plain_grads(model, x, y, token_loss)))
+        grads, kfac = kfac_grads(model, x, y, token_loss, rank=64, damping=1e-2, kl_clip=None, weight_sharing=sharing)
+        got = dict(zip(names, grads))
     finally:
         torch.set_default_dtype(torch.float32)
     for name, value in expected.items():
@@ -84,17 +82,14 @@ def test_exact_mode_on_an_encoder_layer_matches_flattened_and_reduced_references
     for name in ("layer.self_attn.in_proj_weight", "layer.self_attn.out_proj.weight", "layer.norm1.weight"):
         torch.testing.assert_close(got[name], plain[name], rtol=0, atol=0)
     reason = "weight used functionally by nn.MultiheadAttention"
-    assert callback.skipped_modules == {"net.layer.self_attn.out_proj": reason}  # the helper wraps the model as `net`
+    assert kfac.skipped_modules == {"layer.self_attn.out_proj": reason}
 
 
 def test_expand_and_reduce_differ():
     torch.manual_seed(0)
     model, x, y = TinyEncoder(), torch.randn(4, 5, 6), torch.randint(0, 3, (4, 5))
     results = [
-        run_one_step(
-            LowRankKFACCallback(rank=64, kl_clip=None, weight_sharing=s, log_stats=False), model, x, y, token_loss
-        )
-        for s in ("expand", "reduce")
+        kfac_grads(model, x, y, token_loss, rank=64, kl_clip=None, weight_sharing=s)[0] for s in ("expand", "reduce")
     ]
     assert not torch.allclose(results[0][-2], results[1][-2], rtol=1e-3)
 
@@ -114,12 +109,11 @@ class FunctionalLinear(nn.Module):
 def test_layer_used_only_functionally_keeps_its_plain_gradient_and_others_are_preconditioned():
     torch.manual_seed(0)
     model, x, y = FunctionalLinear(), torch.randn(8, 6), torch.randint(0, 3, (8,))
-    plain = run_one_step(None, model, x, y)
-    callback = LowRankKFACCallback(rank=64, kl_clip=None, log_stats=False)
-    got = run_one_step(callback, model, x, y)
+    plain = plain_grads(model, x, y)
+    got, kfac = kfac_grads(model, x, y, rank=64, kl_clip=None)
     torch.testing.assert_close(got[0], plain[0], rtol=0, atol=0)  # inner.weight: no statistics, plain
     assert not torch.allclose(got[2], plain[2])  # head: preconditioned
-    assert not callback.layers[0].ready and callback.layers[1].ready
+    assert not kfac.layers[0].ready and kfac.layers[1].ready
 
 
 class TinyLM(pl.LightningModule):
@@ -158,8 +152,8 @@ def test_small_transformer_language_model_trains_with_the_callback():
     with torch.no_grad():
         after = float(model.training_step(data.tensors, 0))
     assert after < 0.5 * before, (before, after)
-    assert int(callback.skipped_updates) == 0
-    rows = {row["parameter"]: row for row in callback.coverage}
+    assert int(callback.engine.skipped_updates) == 0
+    rows = {row["parameter"]: row for row in callback.engine.coverage}
     assert rows["out.weight"]["preconditioned"] and rows["block.linear1.weight"]["preconditioned"]
     assert rows["out.weight"]["how"] == "K-FAC Linear (expand), A rank 16/33, B dense 16"
     assert rows["out.bias"]["how"] == rows["out.weight"]["how"] + ", bias augmented"

@@ -1,0 +1,427 @@
+"""LowRankKFAC: low-rank K-FAC natural-gradient preconditioning for any PyTorch training loop.
+
+Nothing here knows about Lightning. Call :meth:`LowRankKFAC.step` between ``backward()``
+and ``optimizer.step()``: it folds the captured statistics into the factors, refreshes
+the low-rank bases on schedule and replaces each handled gradient by its damped natural
+gradient (B + δ_B)⁻¹ G (A + δ_A)⁻¹. Under ``torch.distributed`` it sums the statistics
+over ranks and can spread the per-layer work (``work_distribution="layerwise"``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .capture import ActivationCapture
+from .coverage import coverage_rows, format_coverage
+from .distributed import Communicator, balanced_owners
+from .fisher import sampled_negative_log_likelihood
+from .layers import KFACLayer, select_layers
+from .lowrank import DiagPlusLowRankFactor, all_finite
+from .options import FACTOR_DTYPES, KFACOptions, args_docstring
+from .preconditioner import kl_clip_scale
+from .schedules import as_schedule
+
+STATE_VERSION = 2
+
+
+class LowRankKFAC:
+    """Low-rank K-FAC for the ``nn.Linear``/``nn.Conv2d`` (and, opt-in, ``nn.Embedding``) layers of ``model``.
+
+    ::
+
+        kfac = LowRankKFAC(model, rank=32, damping=1e-3)
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            kfac.step(lr=optimizer)   # the KL clip uses each parameter group's learning rate
+            optimizer.step()
+
+    Construction selects the layers (:attr:`skipped_modules` says why the others stay plain)
+    and installs the capture hooks; :meth:`close` (or leaving a ``with`` block) removes them.
+    The factors are created on each layer's device at the first :meth:`record`/:meth:`step`
+    (or :meth:`build`), so move the model first. Gradient accumulation and the AMP loss
+    scale are arguments of :meth:`record`/:meth:`step`; ``fisher_type="mc"`` also needs
+    :meth:`before_backward` before each ``backward()``.
+    """
+
+    def __init__(self, model: nn.Module, options: KFACOptions | None = None, **kwargs: Any) -> None:
+        if options is not None and kwargs:
+            raise TypeError("LowRankKFAC: pass either `options` or keyword options, not both")
+        self.options = options if options is not None else KFACOptions(**kwargs)
+        self.model = model
+        self.layers, self.skipped_modules = select_layers(model, self.options)
+        if not self.layers:
+            raise ValueError(
+                f"LowRankKFAC found nothing to precondition in {type(model).__name__}: it handles nn.Linear, nn.Conv2d (groups=1) and, with precondition_embeddings, nn.Embedding "
+                f"with trainable weights; `include`={self.options.include!r}, `exclude`={self.options.exclude!r}, skipped: {self.skipped_modules}"
+            )
+        self.damping = as_schedule(self.options.damping)
+        self.factor_decay = as_schedule(self.options.factor_decay)
+        self.kl_clip = None if self.options.kl_clip is None else as_schedule(self.options.kl_clip)
+        self.steps = 0
+        self.generator = torch.Generator().manual_seed(self.options.seed)
+        self.mc_generator: torch.Generator | None = None
+        self.skipped_updates: Tensor | None = None
+        self.comm = Communicator()
+        self.owners: list[int] = []
+        self.coverage: list[dict[str, Any]] = []
+        self._built = False
+        self._pending_state: dict[str, Any] | None = None
+        self._prepared_damping: float | None = None
+        self._last_step = {"preconditioned": False, "seconds": 0.0, "damping": float(self.damping(0))}
+        self.capture = ActivationCapture({layer.name: layer.module for layer in self.layers}, self._prediction_module())
+        self.capture.attach()
+        self.capture.enabled = self.factor_update_due(0)
+
+    def _prediction_module(self) -> nn.Module | None:
+        """The module whose output the Monte-Carlo loss samples from (None for the empirical Fisher)."""
+        if self.options.fisher_type != "mc":
+            return None
+        name = self.options.mc_output_module
+        if name is None:
+            return self.layers[-1].module
+        modules = dict(self.model.named_modules())
+        if name not in modules:
+            raise ValueError(
+                f"LowRankKFAC: `mc_output_module` must name a submodule of {type(self.model).__name__}, "
+                f"got {name!r}; handled layers: {[layer.name for layer in self.layers]}"
+            )
+        return modules[name]
+
+    # -- lifetime -----------------------------------------------------------------------
+    def build(self) -> None:
+        """Create the factors on each layer's current device (idempotent), then apply any loaded state."""
+        if self._built:
+            return
+        options = self.options
+        for layer in self.layers:
+            layer.build_factors(
+                options.rank,
+                options.oversampling,
+                options.dense_threshold,
+                options.isotropic_tail,
+                self.generator,
+                self._factor_dtype(layer),
+            )
+        self.comm = Communicator.from_default_group()
+        if options.work_distribution == "layerwise":
+            self.owners = balanced_owners([layer.work_cost() for layer in self.layers], self.comm.world_size)
+        else:
+            self.owners = [self.comm.rank] * len(self.layers)
+        self.coverage = coverage_rows(self.model, self.layers, self.skipped_modules)
+        device = self.layers[0].weight.device
+        self.skipped_updates = torch.zeros((), dtype=torch.int64, device=device)
+        if options.fisher_type == "mc":
+            self.mc_generator = torch.Generator(device=device).manual_seed(options.seed + 1)
+        self._built = True
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self._restore(state)
+
+    def _factor_dtype(self, layer: KFACLayer) -> torch.dtype:
+        """``factor_dtype`` if set; else float64 for float64 weights and float32 otherwise (also under AMP)."""
+        if self.options.factor_dtype is not None:
+            return FACTOR_DTYPES[self.options.factor_dtype]
+        return torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+
+    def close(self) -> None:
+        """Remove the capture hooks and drop anything captured; the curvature state stays."""
+        self.capture.detach()
+
+    def __enter__(self) -> LowRankKFAC:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def coverage_report(self) -> str:
+        """Every trainable parameter, how it is treated, and the share preconditioned."""
+        self.build()
+        return format_coverage(self.coverage)
+
+    # -- statistics ----------------------------------------------------------------------
+    def factor_update_due(self, step: int) -> bool:
+        return step % self.options.factor_update_interval == 0
+
+    def before_backward(self, loss_scale: float | Tensor = 1.0) -> None:
+        """``fisher_type="mc"``: backpropagate a loss on sampled labels to the handled outputs (no-op otherwise).
+
+        Call it after the forward and before ``backward()``, with the AMP loss scale if the
+        training loss is scaled. One partial backward, no extra forward.
+        """
+        if self.options.fisher_type != "mc" or not self.capture.enabled:
+            return
+        self.build()
+        sampled_loss = partial(
+            sampled_negative_log_likelihood, likelihood=self.options.likelihood, generator=self.mc_generator
+        )
+        self.capture.backpropagate(sampled_loss, scale=loss_scale)
+
+    def record(self, accumulation: int = 1, loss_scale: float | Tensor = 1.0) -> None:
+        """Add what the last forward/backward captured to the pending statistics (one micro-batch).
+
+        ``accumulation``: the number of micro-batches the loss was divided by (gradient
+        accumulation); ``loss_scale``: the AMP loss scale of the backward (a tensor is fine:
+        no host sync). :meth:`step` records whatever is left, so a loop without
+        accumulation need not call this.
+        """
+        if self.capture.predictions:
+            raise RuntimeError(
+                "LowRankKFAC: fisher_type='mc' needs `before_backward()` between the forward and `backward()`."
+            )
+        if not self.capture.enabled:
+            return
+        self.build()
+        options = self.options
+
+        def per_example_grad(examples: float) -> float | Tensor:
+            """Turns a recorded output gradient into one example's own (the MC loss is a plain sum)."""
+            if options.fisher_type == "mc":
+                return 1.0 / loss_scale
+            return accumulation * (examples if options.loss_reduction == "mean" else 1.0) / loss_scale
+
+        for layer in self.layers:
+            inputs, grads = self.capture.pop(layer.module)
+            if inputs and grads:
+                layer.accumulate(inputs, grads, per_example_grad)
+
+    # -- the step ------------------------------------------------------------------------
+    def step(
+        self,
+        lr: float | torch.optim.Optimizer | None = None,
+        *,
+        accumulation: int = 1,
+        loss_scale: float | Tensor = 1.0,
+        grads_finite: Tensor | None = None,
+    ) -> None:
+        """Fold, refresh on schedule and precondition every handled gradient in place.
+
+        ``lr``: the learning rate for the KL clip, one number or the optimizer (each
+        parameter then uses its group's rate); needed only while ``kl_clip`` is on.
+        ``grads_finite``: a bool tensor, False when an AMP scaler found inf/NaN gradients
+        this step; then no statistics are folded.
+        """
+        started = time.perf_counter()
+        step, options = self.steps, self.options
+        kl_clip = None if self.kl_clip is None else float(self.kl_clip(step))
+        if kl_clip is not None and lr is None:
+            raise ValueError(
+                "LowRankKFAC.step: the KL clip is on (`kl_clip` is set), so `lr` must be given: "
+                "the optimizer (per-group rates) or a number; or construct with kl_clip=None."
+            )
+        self.record(accumulation, loss_scale)
+        self.build()
+        if self.factor_update_due(step):
+            self.fold_statistics(float(self.factor_decay(step)), grads_finite)
+        damping = float(self.damping(step))
+        if step % options.basis_update_interval == 0 or self.bases_pending():
+            self.refresh_bases(damping)
+        elif damping != self._prepared_damping:
+            self.prepare_inverses(damping)
+        applied = step >= options.warmup_steps and any(layer.ready for layer in self.layers)
+        if applied:
+            self.precondition(self._learning_rates(lr), kl_clip)
+        self.steps += 1
+        self.capture.clear()  # nothing captured outlives its step
+        self.capture.enabled = self.factor_update_due(self.steps)
+        self._last_step = {"preconditioned": applied, "seconds": time.perf_counter() - started, "damping": damping}
+
+    def fold_statistics(self, decay: float, grads_finite: Tensor | None = None) -> None:
+        """EMA-fold each layer's pending statistics; a layer with non-finite ones is skipped and counted.
+
+        When ``grads_finite`` is False no layer folds, so a step the AMP scaler skips leaves
+        no trace in the curvature.
+        """
+        # One flat all-reduce of every pending sum: each rank then folds the global batch.
+        # Every rank runs the same number of micro-batches (a DistributedSampler's shards).
+        self.comm.all_reduce_sum([t for layer in self.layers for f in layer.factors for t in f.pending_tensors()])
+        world_size = self.comm.world_size
+        for layer in self.layers:
+            a_factor, b_factor = layer.factors
+            if a_factor.pending_count == 0 or b_factor.pending_count == 0:
+                continue
+            a_next = a_factor.blend(decay, a_factor.pending_count * world_size)
+            b_next = b_factor.blend(decay, b_factor.pending_count * world_size)
+            valid = all_finite(a_next + b_next)  # non-finite statistics give a non-finite next state
+            if grads_finite is not None:
+                valid = valid & grads_finite
+            self.skipped_updates += ~valid
+            a_factor.commit(a_next, valid)
+            b_factor.commit(b_next, valid)
+
+    def bases_ready(self) -> bool:
+        """True once every factor has an eigen-approximation to precondition with."""
+        return all(layer.ready for layer in self.layers)
+
+    def bases_pending(self) -> bool:
+        """True while some factor has statistics but no eigen-approximation yet (refresh it now)."""
+        return any(factor.initialized and not factor.refreshed for layer in self.layers for factor in layer.factors)
+
+    def owns(self, index: int) -> bool:
+        """Whether this rank does layer ``index``'s refresh and preconditioning."""
+        return self.owners[index] == self.comm.rank
+
+    def refresh_bases(self, damping: float) -> None:
+        """Refresh the factors of the owned layers; under layerwise work, owners broadcast the new bases."""
+        for index, layer in enumerate(self.layers):
+            if self.owns(index):
+                for factor in layer.factors:
+                    if factor.initialized:
+                        factor.refresh()
+                if layer.ready:
+                    layer.prepare_inverses(damping)
+        if self.options.work_distribution == "layerwise" and self.comm.active:
+            groups = [[t for f in layer.factors if f.initialized for t in f.basis_tensors()] for layer in self.layers]
+            self.comm.broadcast_from_owners(groups, self.owners, kind="bases")
+            for index, layer in enumerate(self.layers):
+                if not self.owns(index):
+                    for factor in layer.factors:
+                        factor.refreshed = factor.refreshed or factor.initialized
+                    if layer.ready:  # k×k work: keeps every rank's state (and checkpoint) consistent
+                        layer.prepare_inverses(damping)
+        self._prepared_damping = damping
+
+    def prepare_inverses(self, damping: float) -> None:
+        """Re-prepare every ready layer's damped inverses at a new damping (k×k work; every rank)."""
+        for layer in self.layers:
+            if layer.ready:
+                layer.prepare_inverses(damping)
+        self._prepared_damping = damping
+
+    def _learning_rates(self, lr: float | torch.optim.Optimizer | None) -> Callable[[Tensor], float]:
+        """Parameter → its learning rate: the group's rate for an optimizer, else the one number (or 0)."""
+        if hasattr(lr, "param_groups"):
+            rates = {id(p): float(group["lr"]) for group in lr.param_groups for p in group["params"]}
+            return lambda parameter: rates.get(id(parameter), 0.0)
+        value = 0.0 if lr is None else float(lr)
+        return lambda parameter: value
+
+    def precondition(self, learning_rate: Callable[[Tensor], float], kl_clip: float | None) -> None:
+        """Replace each handled gradient by (B + δ_B)⁻¹ G (A + δ_A)⁻¹, then apply the optional KL clip.
+
+        Under layerwise work each owner computes its layers' directions and broadcasts them;
+        the KL clip then sums over all layers on every rank, so every rank takes the same step.
+        """
+        work: list[tuple[int, list[Tensor], list[Tensor]]] = []
+        for index, layer in enumerate(self.layers):
+            grad = layer.grad_matrix()
+            if grad is None or not layer.ready:  # no statistics yet (e.g. never called): plain gradient
+                continue
+            bias = layer.separate_bias_grad()
+            grads = [grad.to(layer.dtype)] + ([] if bias is None else [bias.to(layer.dtype)])
+            if self.owns(index):
+                naturals = layer.precondition(grads)
+            else:
+                naturals = [torch.empty_like(g) for g in grads]
+            work.append((index, grads, naturals))
+        if self.options.work_distribution == "layerwise" and self.comm.active:
+            self.comm.broadcast_from_owners(
+                [naturals for _, _, naturals in work], [self.owners[index] for index, _, _ in work], kind="gradients"
+            )
+        scale = None
+        if kl_clip is not None and work:
+            budget = sum(
+                self._kl_term(self.layers[index], grads, naturals, learning_rate) for index, grads, naturals in work
+            )
+            scale = kl_clip_scale(kl_clip, 1.0, budget)
+        for index, _, naturals in work:
+            if scale is not None:
+                naturals = [natural * scale for natural in naturals]
+            self.layers[index].write_grads(naturals[0], naturals[1] if len(naturals) > 1 else None)
+
+    @staticmethod
+    def _kl_term(
+        layer: KFACLayer, grads: list[Tensor], naturals: list[Tensor], learning_rate: Callable[[Tensor], float]
+    ) -> Tensor:
+        """η_w²⟨P_w, G_w⟩ + η_b²⟨P_b, G_b⟩ with each parameter's own learning rate (one sum when they agree)."""
+        weight_rate = learning_rate(layer.weight)
+        bias_rate = learning_rate(layer.module.bias) if layer.has_bias else weight_rate
+        if bias_rate == weight_rate:
+            return weight_rate**2 * sum((natural * grad).sum() for natural, grad in zip(naturals, grads))
+        weight_term, bias_term = layer.split_inner_product(naturals, grads)
+        return weight_rate**2 * weight_term + bias_rate**2 * bias_term
+
+    # -- reporting -----------------------------------------------------------------------
+    def metrics(self) -> dict[str, float | Tensor]:
+        """The curvature's health after the last step (device tensors: reading them syncs).
+
+        ``captured_trace/<layer>/A`` is the share of tr A in the kept eigenvalues;
+        ``.../B`` is Σ|m_i| / tr B, the weight of the kept off-diagonal part of B.
+        """
+        self.build()
+        repairs = sum(
+            (layer.b_factor.repairs for layer in self.layers if isinstance(layer.b_factor, DiagPlusLowRankFactor)),
+            torch.zeros((), dtype=torch.int64, device=self.skipped_updates.device),
+        )
+        metrics: dict[str, float | Tensor] = {
+            "damping": self._last_step["damping"],
+            "spd_repairs": repairs.float(),
+            "skipped_updates": self.skipped_updates.float(),
+            "preconditioned": float(self._last_step["preconditioned"]),
+            "curvature_ms": 1e3 * self._last_step["seconds"],
+        }
+        for layer in self.layers:
+            metrics[f"captured_trace/{layer.name}/A"] = layer.a_factor.captured_trace().float()
+            metrics[f"captured_trace/{layer.name}/B"] = layer.b_factor.captured_trace().float()
+        return metrics
+
+    # -- checkpointing -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        self.build()
+        return {
+            "version": STATE_VERSION,
+            "options": self.options.signature(),
+            "steps": self.steps,
+            "prepared_damping": self._prepared_damping,
+            "layers": {
+                layer.name: {
+                    "in_dim": layer.in_dim,
+                    "out_dim": layer.out_dim,
+                    "A": layer.a_factor.state_dict(),
+                    "B": layer.b_factor.state_dict(),
+                }
+                for layer in self.layers
+            },
+            "generator": self.generator.get_state(),
+            "mc_generator": None if self.mc_generator is None else self.mc_generator.get_state(),
+            "skipped_updates": self.skipped_updates.detach().clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Check the state against these options and layers now; load it (now, or when the factors are built)."""
+        saved_options, current = state["options"], self.options.signature()
+        if saved_options != current:
+            raise ValueError(
+                f"LowRankKFAC: the checkpoint was saved with options {saved_options}, these are {current}; they must match to resume."
+            )
+        expected = {layer.name: (layer.in_dim, layer.out_dim) for layer in self.layers}
+        found = {name: (entry["in_dim"], entry["out_dim"]) for name, entry in state["layers"].items()}
+        if expected != found:
+            raise ValueError(
+                f"LowRankKFAC: the checkpoint's layers (name: (in, out)) {found} do not match the model's {expected}."
+            )
+        if self._built:
+            self._restore(state)
+        else:
+            self._pending_state = state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        for layer in self.layers:
+            layer.a_factor.load_state_dict(state["layers"][layer.name]["A"])
+            layer.b_factor.load_state_dict(state["layers"][layer.name]["B"])
+        self.steps = int(state["steps"])
+        self.capture.enabled = self.factor_update_due(self.steps)
+        self._prepared_damping = state["prepared_damping"]  # the inverses were restored as prepared
+        self.generator.set_state(state["generator"])
+        if self.mc_generator is not None and state.get("mc_generator") is not None:
+            self.mc_generator.set_state(state["mc_generator"])
+        self.skipped_updates.copy_(state["skipped_updates"])
+
+
+LowRankKFAC.__doc__ += "\n" + "\n".join("    " + line for line in args_docstring().splitlines()) + "\n"

@@ -1,0 +1,68 @@
+"""One small class per module type, and the choice of which modules of a model get one.
+
+To handle a new module type, subclass :class:`KFACLayer` (rows of inputs and output
+gradients, the gradient as a matrix) and add the class to :data:`LAYER_TYPES`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from torch import nn
+
+from ..options import KFACOptions
+from .base import KFACLayer
+from .conv import Conv2dLayer
+from .embedding import EmbeddingLayer
+from .linear import LinearLayer
+
+LAYER_TYPES: tuple[type[KFACLayer], ...] = (LinearLayer, Conv2dLayer, EmbeddingLayer)
+
+__all__ = ["LAYER_TYPES", "Conv2dLayer", "EmbeddingLayer", "KFACLayer", "LinearLayer", "parameter_holders"]
+
+
+def parameter_holders(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) → the names of the modules holding it directly (several for tied weights)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for parameter in module.parameters(recurse=False):
+            holders.setdefault(id(parameter), []).append(name)
+    return holders
+
+
+def layer_type(module: nn.Module) -> type[KFACLayer] | None:
+    return next((cls for cls in LAYER_TYPES if isinstance(module, cls.module_type)), None)
+
+
+def select_layers(model: nn.Module, options: KFACOptions) -> tuple[list[KFACLayer], dict[str, str]]:
+    """The layers to precondition, and for every other module of a handled type the reason it stays plain."""
+    layers: list[KFACLayer] = []
+    skipped: dict[str, str] = {}
+    # nn.MultiheadAttention passes out_proj's weight to a functional call: its forward never runs.
+    functional = {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+    }
+    # A parameter held by several modules (tied weights) gets the gradient of all its uses.
+    holders = parameter_holders(model)
+    for name, module in model.named_modules():
+        cls = layer_type(module)
+        if cls is None:
+            continue
+        if options.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in options.include):
+            continue
+        tied = sorted({other for p in module.parameters(recurse=False) for other in holders[id(p)]} - {name})
+        if any(fnmatch.fnmatchcase(name, p) for p in options.exclude or ()):
+            skipped[name] = "excluded"
+        elif (reason := cls.unsupported(module, options)) is not None:
+            skipped[name] = reason
+        elif name in functional:
+            skipped[name] = "weight used functionally by nn.MultiheadAttention"
+        elif not module.weight.requires_grad:
+            skipped[name] = "frozen weight"
+        elif tied:
+            skipped[name] = f"parameter shared with {tied} (tied weights)"
+        else:
+            layers.append(cls.from_options(name, module, options))
+    return layers, skipped

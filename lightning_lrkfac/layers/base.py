@@ -1,0 +1,222 @@
+"""What every preconditioned module has: two factors, its statistics as rows, its gradient as a matrix."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from ..lowrank import DenseFactor, DiagPlusLowRankFactor, KroneckerFactor, LowRankFactor
+from ..preconditioner import pi_damping
+
+if TYPE_CHECKING:
+    from ..options import KFACOptions
+
+
+def concat(rows: list[Tensor]) -> Tensor:
+    """The rows of every call stacked; no copy for the usual single call."""
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+class KFACLayer(ABC):
+    """One preconditioned module: factors A (inputs) and B (output gradients), and G as an out × in' matrix.
+
+    A subclass handles one module type: it says how inputs and output gradients become
+    rows, and when a module of its type must keep the plain gradient.
+    ``augment`` appends a column of ones to the inputs, so weight and bias share one
+    Kronecker block (Martens & Grosse 2015, kfac-pytorch); otherwise a bias gets its own
+    block B⁻¹ g_b (asdl's convention).
+    """
+
+    #: The module type this class handles (subclasses included).
+    module_type: type[nn.Module] = nn.Module
+    #: Whether positions are reduced before they become rows (K-FAC-reduce); expand otherwise.
+    reduce: bool = False
+
+    def __init__(self, name: str, module: nn.Module, in_dim: int, out_dim: int, has_bias: bool, augment: bool) -> None:
+        if not isinstance(module, self.module_type):
+            raise TypeError(f"{type(self).__name__} handles {self.module_type.__name__}, got {type(module).__name__}")
+        self.name, self.module = name, module
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.has_bias, self.augment = has_bias, augment
+        self.a_factor: KroneckerFactor | None = None
+        self.b_factor: KroneckerFactor | None = None
+
+    @classmethod
+    def from_options(cls, name: str, module: nn.Module, options: KFACOptions) -> KFACLayer:
+        """The layer for ``module`` under ``options``."""
+        return cls(name, module, bias_mode=options.bias_mode)
+
+    @classmethod
+    def unsupported(cls, module: nn.Module, options: KFACOptions) -> str | None:
+        """Why ``module`` must keep the plain gradient under ``options``; None when it can be handled."""
+        return None
+
+    @staticmethod
+    def bias_flags(module: nn.Module, bias_mode: str) -> tuple[bool, bool]:
+        """(has a trainable bias, the bias is a ones column of A)."""
+        has_bias = getattr(module, "bias", None) is not None and module.bias.requires_grad
+        return has_bias, has_bias and bias_mode == "augment"
+
+    def describe(self) -> str:
+        """The module type and weight-sharing treatment, for the coverage table."""
+        return f"{self.module_type.__name__} ({'reduce' if self.reduce else 'expand'})"
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    # -- factors --------------------------------------------------------------------
+    def build_factors(
+        self,
+        rank: int,
+        oversampling: int,
+        dense_threshold: int,
+        isotropic_tail: bool,
+        generator: torch.Generator,
+        dtype: torch.dtype,
+    ) -> None:
+        """Create A and B on the weight's device: dense when rank ≥ d or d ≤ dense_threshold.
+
+        Otherwise A ≈ rank_k(A) (plus an isotropic tail if asked) and B ≈ rank_k(B − diag B) + diag B.
+        """
+        device = self.weight.device
+
+        def dense(dim: int) -> bool:
+            return rank >= dim or dim <= dense_threshold
+
+        self.a_factor = self._special_input_factor(dtype)
+        if self.a_factor is None:
+            self.a_factor = (
+                DenseFactor(self.in_dim, device, dtype)
+                if dense(self.in_dim)
+                else LowRankFactor(self.in_dim, rank, oversampling, generator, device, dtype, isotropic_tail)
+            )
+        self.b_factor = (
+            DenseFactor(self.out_dim, device, dtype)
+            if dense(self.out_dim)
+            else DiagPlusLowRankFactor(self.out_dim, rank, oversampling, generator, device, dtype)
+        )
+
+    def _special_input_factor(self, dtype: torch.dtype) -> KroneckerFactor | None:
+        """A factor of a known structure for A (e.g. diagonal), or None for the generic dense / low-rank one."""
+        return None
+
+    @property
+    def factors(self) -> tuple[KroneckerFactor, KroneckerFactor]:
+        assert self.a_factor is not None and self.b_factor is not None, "build_factors() first"
+        return self.a_factor, self.b_factor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the curvature state (gradients are preconditioned in it)."""
+        return self.factors[0].dtype
+
+    @property
+    def ready(self) -> bool:
+        """Both factors are refreshed (their owner prepares the inverses right after): the layer can be preconditioned."""
+        return self.a_factor is not None and self.a_factor.refreshed and self.b_factor.refreshed
+
+    def prepare_inverses(self, damping: float) -> None:
+        """Split λ by π-damping at the current traces and prepare both factors' damped inverses."""
+        a_factor, b_factor = self.factors
+        damping_a, damping_b = pi_damping(damping, a_factor.trace, a_factor.dim, b_factor.trace, b_factor.dim)
+        a_factor.prepare_inverse(damping_a)
+        b_factor.prepare_inverse(damping_b)
+
+    def precondition(self, grads: list[Tensor]) -> list[Tensor]:
+        """[(B + δ_B)⁻¹ G (A + δ_A)⁻¹] and, for a separate bias block, [(B + δ_B)⁻¹ g_b].
+
+        Contiguous, like the buffers other ranks receive them in: a sum over them then runs
+        in the same order on every rank (the KL clip), so the ranks stay bitwise identical.
+        """
+        a_factor, b_factor = self.factors
+        naturals = [b_factor.inverse_left(a_factor.inverse_right(grads[0]))]
+        if len(grads) > 1:
+            naturals.append(b_factor.inverse_left(grads[1]))
+        return [natural.contiguous() for natural in naturals]
+
+    def work_cost(self) -> float:
+        """Rough flops of one refresh plus one preconditioning of this layer (to balance ranks)."""
+        (a_refresh, a_width), (b_refresh, b_width) = (factor.work() for factor in self.factors)
+        return a_refresh + b_refresh + float(self.out_dim * self.in_dim) * (a_width + b_width)
+
+    # -- statistics ---------------------------------------------------------------------
+    def accumulate(
+        self, inputs: list[Tensor], grads: list[Tensor], per_example_grad: Callable[[float], float | Tensor]
+    ) -> None:
+        """Add one backward's statistics (every call of the module) to the pending sums of A and B.
+
+        ``per_example_grad(examples)`` is the multiplier that turns a recorded output gradient
+        of a loss averaged over ``examples`` into one example's own gradient.
+        """
+        self._accumulate_inputs(inputs)
+        samples = sum(self.num_samples(g) for g in grads)
+        b_rows = concat([self.output_grad_rows(g) for g in grads]).to(self.b_factor.dtype)
+        multiplier = per_example_grad(samples / len(grads))
+        if isinstance(multiplier, Tensor):  # e.g. the AMP loss scale, kept on the device
+            self.b_factor.accumulate(b_rows * multiplier, 1.0 / samples)
+        else:  # (m·rows)ᵀ(m·rows) = m²·rowsᵀrows: no n×d multiply
+            self.b_factor.accumulate(b_rows, multiplier * multiplier / samples)
+
+    def _accumulate_inputs(self, inputs: list[Tensor]) -> None:
+        a_rows = concat([self.input_rows(x) for x in inputs])
+        self.a_factor.accumulate(a_rows, 1.0 / a_rows.shape[0])
+
+    def input_rows(self, inputs: Tensor) -> Tensor:
+        """Layer inputs as rows (samples × in'), with the ones column when the bias is augmented."""
+        rows = self._input_rows(inputs)
+        if self.augment:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return rows
+
+    @abstractmethod
+    def _input_rows(self, inputs: Tensor) -> Tensor:
+        """Layer inputs as rows (samples × in), before any bias column."""
+
+    @abstractmethod
+    def output_grad_rows(self, grads: Tensor) -> Tensor:
+        """Gradients w.r.t. the layer output as rows (samples × out)."""
+
+    @abstractmethod
+    def num_samples(self, grads: Tensor) -> int:
+        """Examples a mean-reduced loss averages over, for an output gradient of this shape."""
+
+    # -- gradients ----------------------------------------------------------------------
+    def grad_matrix(self) -> Tensor | None:
+        """∂L/∂W as an out × in' matrix (bias column appended when augmented); None if no grad."""
+        weight_grad = self.weight.grad
+        if weight_grad is None:
+            return None
+        matrix = weight_grad.reshape(self.out_dim, -1)
+        if self.augment:
+            bias_grad = self.module.bias.grad
+            if bias_grad is None:
+                bias_grad = torch.zeros(self.out_dim, device=matrix.device, dtype=matrix.dtype)
+            matrix = torch.cat([matrix, bias_grad[:, None]], dim=1)
+        return matrix
+
+    def separate_bias_grad(self) -> Tensor | None:
+        """The bias gradient as an out × 1 matrix when it has its own block, else None."""
+        if not self.has_bias or self.augment or self.module.bias.grad is None:
+            return None
+        return self.module.bias.grad[:, None]
+
+    def write_grads(self, matrix: Tensor, bias_column: Tensor | None) -> None:
+        """Copy a preconditioned gradient matrix (and separate bias column) back into .grad."""
+        weight_part = matrix[:, : self.in_dim - int(self.augment)]
+        self.weight.grad.copy_(weight_part.reshape_as(self.weight.grad))
+        if self.augment and self.module.bias.grad is not None:
+            self.module.bias.grad.copy_(matrix[:, -1])
+        elif bias_column is not None:
+            self.module.bias.grad.copy_(bias_column[:, 0])
+
+    def split_inner_product(self, naturals: list[Tensor], grads: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """(⟨P, G⟩ over the weight, ⟨P, G⟩ over the bias or None): the KL clip weighs each by its own lr."""
+        products = [natural * grad for natural, grad in zip(naturals, grads)]
+        if self.augment:
+            return products[0][:, :-1].sum(), products[0][:, -1].sum()
+        return products[0].sum(), (products[1].sum() if len(products) > 1 else None)
