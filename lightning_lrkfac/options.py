@@ -183,7 +183,3 @@ def args_docstring() -> str:
     for spec in fields(KFACOptions):
         lines.append(f"    {spec.name}: {spec.metadata['meaning']} ({spec.metadata['check'].allowed}).")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(markdown_table())

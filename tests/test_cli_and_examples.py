@@ -61,9 +61,9 @@ def test_main_job_reaches_good_test_accuracy(tmp_path, monkeypatch, capsys):
     assert float(line.split(":")[1]) > 0.9, line
 
 
-def test_plain_python_example_runs(tmp_path, monkeypatch):
+def test_lightning_trainer_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    module = runpy.run_path(str(ROOT / "examples/plain_python.py"))
+    module = runpy.run_path(str(ROOT / "examples/lightning_trainer.py"))
     assert module["main"](max_epochs=2) > 0.8
 
 

@@ -1,6 +1,6 @@
-"""Low-rank K-FAC in a plain Python script: add the callback to an ordinary Trainer.
+"""Low-rank K-FAC in a Lightning script: add the callback to an ordinary Trainer.
 
-python examples/plain_python.py [--max-epochs 10]
+python examples/lightning_trainer.py [--max-epochs 10]
 """
 
 from __future__ import annotations
