@@ -11,6 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
@@ -55,6 +56,7 @@ class LowRankKFACCallback(Callback):
         factor_dtype: str | None = None,
         seed: int = 0,
         work_distribution: str = "replicate",
+        skip_non_finite_steps: bool = True,
         log_stats: bool = True,
     ) -> None:
         arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
@@ -71,6 +73,7 @@ class LowRankKFACCallback(Callback):
             raise RuntimeError(
                 "LowRankKFACCallback needs automatic optimization (`automatic_optimization = True`): it preconditions in `on_before_optimizer_step`, which manual optimization bypasses."
             )
+        check_strategy(trainer.strategy)
         self.engine = LowRankKFAC(pl_module, self.options)
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
@@ -93,6 +96,11 @@ class LowRankKFACCallback(Callback):
             self.engine.close()
 
     # -- the training step ------------------------------------------------------------------
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.engine.discard_captured()  # leftovers of a forward that never reached backward
+
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         self.engine.before_backward(loss_scale=self._loss_scale(trainer))
 
@@ -149,6 +157,30 @@ class LowRankKFACCallback(Callback):
             self._pending_state = state_dict  # handed to the engine at setup
         else:
             self.engine.load_state_dict(state_dict)
+
+
+def check_strategy(strategy: Any) -> None:
+    """Raise unless the strategy hands the callback whole, replicated parameters and gradients it can keep state for.
+
+    FSDP and DeepSpeed shard or flatten parameters; model and tensor parallelism split
+    layers; ``ddp_spawn``/``fork`` train in child processes whose curvature state never
+    returns; ``find_unused_parameters=True`` lets ranks fold different numbers of batches.
+    """
+    name = type(strategy).__name__
+    if type(strategy) is SingleDeviceStrategy:
+        return
+    if type(strategy) is DDPStrategy:
+        start_method = compat.ddp_start_method(strategy)
+        if start_method == "popen" and not compat.ddp_finds_unused_parameters(strategy):
+            return
+        name += (
+            f"(start_method={start_method!r}, find_unused_parameters={compat.ddp_finds_unused_parameters(strategy)})"
+        )
+    raise RuntimeError(
+        f"LowRankKFACCallback does not support the strategy {name}: it supports a single device "
+        "(strategy='auto' on one device) and DDP launched by Lightning or torchrun (strategy='ddp', "
+        "find_unused_parameters=False). FSDP, DeepSpeed, ddp_spawn/fork and model parallelism are not supported."
+    )
 
 
 LowRankKFACCallback.__doc__ += "\n" + "\n".join("    " + line for line in args_docstring().splitlines()) + "\n"

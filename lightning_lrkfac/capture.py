@@ -1,11 +1,13 @@
 """Collect each handled module's inputs and output gradients during forward/backward.
 
-Plain module hooks: a forward hook keeps the input (autograd keeps it alive anyway for
-the weight gradient). For the empirical Fisher it puts a tensor hook on the output, which
-records the gradient of the training loss. For the Monte-Carlo Fisher it keeps the
-output itself, and :meth:`ActivationCapture.backpropagate` later sends the gradient of a
-sampled loss back to those outputs only. A module called several times in one forward
-contributes one entry per call.
+Plain module hooks. For the empirical Fisher a forward hook puts a tensor hook on the
+output; when the training loss's gradient reaches it, the input (which autograd keeps
+alive anyway for the weight gradient) and that gradient are recorded together. A call
+whose output never gets a gradient (a forward aborted before backward, an extra forward
+for a metric) leaves nothing behind. For the Monte-Carlo Fisher the forward hook keeps
+the input and the output itself, and :meth:`ActivationCapture.backpropagate` later sends
+the gradient of a sampled loss back to those outputs only. A module called several times
+in one forward contributes one entry per call.
 """
 
 from __future__ import annotations
@@ -75,12 +77,18 @@ class ActivationCapture:
     def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if not self._recording(module, output):
             return
-        self.inputs[module].append(args[0].detach())
+        inputs = args[0].detach()
         if self.monte_carlo:
+            self.inputs[module].append(inputs)
             self.outputs[module].append(output)
-        else:
-            grads = self.output_grads[module]
-            output.register_hook(lambda grad: grads.append(grad.detach()))
+            return
+        recorded_inputs, grads = self.inputs[module], self.output_grads[module]
+
+        def record(grad: Tensor) -> None:
+            recorded_inputs.append(inputs)
+            grads.append(grad.detach())
+
+        output.register_hook(record)
 
     def _prediction_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if self._recording(module, output):

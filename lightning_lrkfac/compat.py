@@ -59,3 +59,13 @@ def logger_writes_this_step(trainer: Any) -> bool:
     """Whether step-level metrics logged now reach the loggers (``log_every_n_steps``); True if unknown."""
     connector = getattr(trainer, "_logger_connector", None)
     return bool(getattr(connector, "should_update_logs", True))
+
+
+def ddp_start_method(strategy: Any) -> str:
+    """How a DDP strategy starts its processes (``popen``: torchrun / Lightning's launcher; ``spawn``, ``fork``)."""
+    return str(getattr(strategy, "_start_method", "popen"))
+
+
+def ddp_finds_unused_parameters(strategy: Any) -> bool:
+    """Whether a DDP strategy was asked for ``find_unused_parameters=True``."""
+    return bool(getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False))

@@ -28,6 +28,10 @@ from .preconditioner import kl_clip_scale
 from .schedules import as_schedule
 
 STATE_VERSION = 2
+STATE_KEYS = (
+    "version", "options", "steps", "prepared_damping", "layers", "generator", "mc_generator", "skipped_updates",
+    "skipped_steps",
+)  # fmt: skip
 
 
 class LowRankKFAC:
@@ -68,6 +72,8 @@ class LowRankKFAC:
         self.generator = torch.Generator().manual_seed(self.options.seed)
         self.mc_generator: torch.Generator | None = None
         self.skipped_updates: Tensor | None = None
+        #: Steps whose gradients were not finite (skip_non_finite_steps): nothing changed on them.
+        self.skipped_steps = 0
         self.comm = Communicator()
         self.owners: list[int] = []
         self.coverage: list[dict[str, Any]] = []
@@ -217,6 +223,9 @@ class LowRankKFAC:
             )
         self.record(accumulation, loss_scale)
         self.build()
+        if grads_finite is None and options.skip_non_finite_steps and not self._gradients_finite():
+            self._skip_step(started)
+            return
         if self.factor_update_due(step):
             self.fold_statistics(float(self.factor_decay(step)), grads_finite)
         damping = float(self.damping(step))
@@ -227,10 +236,44 @@ class LowRankKFAC:
         applied = step >= options.warmup_steps and any(layer.ready for layer in self.layers)
         if applied:
             self.precondition(self._learning_rates(lr), kl_clip)
+        self._end_step(started, applied, damping)
+
+    def _end_step(self, started: float, preconditioned: bool, damping: float) -> None:
         self.steps += 1
         self.capture.clear()  # nothing captured outlives its step
         self.capture.enabled = self.factor_update_due(self.steps)
-        self._last_step = {"preconditioned": applied, "seconds": time.perf_counter() - started, "damping": damping}
+        self._last_step = {
+            "preconditioned": preconditioned,
+            "seconds": time.perf_counter() - started,
+            "damping": damping,
+        }
+
+    def _gradients_finite(self) -> bool:
+        """Whether every gradient of the model is finite: one fused norm per dtype, one host sync."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [g.coalesce().values() if g.is_sparse else g for g in grads]  # sparse embeddings: their entries
+        if not grads:
+            return True
+        norms = torch.stack([norm.to(torch.float32) for norm in torch._foreach_norm(grads)])
+        return bool(norms.isfinite().all())
+
+    def _skip_step(self, started: float) -> None:
+        """A step with inf/NaN gradients: no parameter, optimizer state or curvature state changes.
+
+        The gradients become None, which torch optimizers skip (no update, no momentum or
+        Adam state change, no weight decay); the step's statistics are dropped.
+        """
+        for parameter in self.model.parameters():
+            parameter.grad = None
+        for layer in self.layers:
+            for factor in layer.factors:
+                factor.discard_pending()
+        self.skipped_steps += 1
+        self._end_step(started, False, self._last_step["damping"])
+
+    def discard_captured(self) -> None:
+        """Drop what was captured but not recorded yet, e.g. after an exception aborted a step."""
+        self.capture.clear()
 
     def fold_statistics(self, decay: float, grads_finite: Tensor | None = None) -> None:
         """EMA-fold each layer's pending statistics; a layer with non-finite ones is skipped and counted.
@@ -363,6 +406,7 @@ class LowRankKFAC:
             "damping": self._last_step["damping"],
             "spd_repairs": repairs.float(),
             "skipped_updates": self.skipped_updates.float(),
+            "skipped_steps": float(self.skipped_steps),
             "preconditioned": float(self._last_step["preconditioned"]),
             "curvature_ms": 1e3 * self._last_step["seconds"],
         }
@@ -391,17 +435,27 @@ class LowRankKFAC:
             "generator": self.generator.get_state(),
             "mc_generator": None if self.mc_generator is None else self.mc_generator.get_state(),
             "skipped_updates": self.skipped_updates.detach().clone(),
+            "skipped_steps": self.skipped_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Check the state against these options and layers now; load it (now, or when the factors are built)."""
+        """Check the state against these options and layers now; load it (now, or when the factors are built).
+
+        A state that does not fit raises ``ValueError`` naming the entry, before anything is loaded.
+        """
+        missing = [key for key in STATE_KEYS if key not in state]
+        if missing or state["version"] != STATE_VERSION:
+            raise ValueError(
+                f"LowRankKFAC: the checkpoint's curvature state is incomplete or of another version: missing {missing}, "
+                f"version {state.get('version')!r} (this is version {STATE_VERSION})"
+            )
         saved_options, current = state["options"], self.options.signature()
         if saved_options != current:
             raise ValueError(
                 f"LowRankKFAC: the checkpoint was saved with options {saved_options}, these are {current}; they must match to resume."
             )
         expected = {layer.name: (layer.in_dim, layer.out_dim) for layer in self.layers}
-        found = {name: (entry["in_dim"], entry["out_dim"]) for name, entry in state["layers"].items()}
+        found = {name: (entry.get("in_dim"), entry.get("out_dim")) for name, entry in state["layers"].items()}
         if expected != found:
             raise ValueError(
                 f"LowRankKFAC: the checkpoint's layers (name: (in, out)) {found} do not match the model's {expected}."
@@ -412,14 +466,20 @@ class LowRankKFAC:
             self._pending_state = state
 
     def _restore(self, state: dict[str, Any]) -> None:
+        for layer in self.layers:  # check every entry before loading any
+            for key, factor in (("A", layer.a_factor), ("B", layer.b_factor)):
+                factor.check_state(state["layers"][layer.name].get(key), f"layers.{layer.name}.{key}")
+        if not isinstance(state["skipped_updates"], Tensor) or state["skipped_updates"].shape != ():
+            raise ValueError("LowRankKFAC: checkpoint entry `skipped_updates` must be a 0-dim tensor")
         for layer in self.layers:
             layer.a_factor.load_state_dict(state["layers"][layer.name]["A"])
             layer.b_factor.load_state_dict(state["layers"][layer.name]["B"])
         self.steps = int(state["steps"])
+        self.skipped_steps = int(state["skipped_steps"])
         self.capture.enabled = self.factor_update_due(self.steps)
         self._prepared_damping = state["prepared_damping"]  # the inverses were restored as prepared
         self.generator.set_state(state["generator"])
-        if self.mc_generator is not None and state.get("mc_generator") is not None:
+        if self.mc_generator is not None and state["mc_generator"] is not None:
             self.mc_generator.set_state(state["mc_generator"])
         self.skipped_updates.copy_(state["skipped_updates"])
 

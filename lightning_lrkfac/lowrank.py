@@ -152,24 +152,53 @@ class KroneckerFactor(ABC):
         """X ↦ (F̃ + δI)⁻¹ X."""
         return eig_inverse_left(matrix, self.eigenvectors, self.eigenvalues, self.inverse_damping, self.tail)
 
+    def discard_pending(self) -> None:
+        """Drop the pending statistics (a step that is skipped leaves no trace)."""
+        for pending in self.pending_tensors():
+            pending.zero_()
+        self.pending_count = 0
+
     # -- checkpointing ----------------------------------------------------------------
+    def _tensors(self) -> dict[str, Tensor]:
+        return {name: value for name, value in vars(self).items() if isinstance(value, Tensor)}
+
     def state_dict(self) -> dict[str, object]:
-        tensors = {name: value.detach().clone() for name, value in vars(self).items() if isinstance(value, Tensor)}
         return {
             "kind": type(self).__name__,
             "dim": self.dim,
             "initialized": self.initialized,
             "refreshed": self.refreshed,
-            "tensors": tensors,
+            "tensors": {name: value.detach().clone() for name, value in self._tensors().items()},
         }
 
+    def check_state(self, state: dict[str, object], key: str) -> None:
+        """Raise ``ValueError`` naming the first entry of ``state`` that does not fit this factor (nothing is loaded)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"checkpoint entry `{key}` must be a dict, got {type(state).__name__}")
+        for field in ("kind", "dim", "initialized", "refreshed", "tensors"):
+            if field not in state:
+                raise ValueError(f"checkpoint entry `{key}.{field}` is missing")
+        if state["kind"] != type(self).__name__ or state["dim"] != self.dim:
+            raise ValueError(
+                f"checkpoint entry `{key}` holds a {state['kind']} of size {state['dim']}, this layer has a {type(self).__name__} of size {self.dim}"
+            )
+        current, saved = self._tensors(), state["tensors"]
+        for name in sorted(set(current) | set(saved)):
+            where = f"`{key}.tensors.{name}`"
+            if name not in saved:
+                raise ValueError(f"checkpoint entry {where} is missing")
+            value = saved[name]
+            if name not in current or not isinstance(value, Tensor):
+                raise ValueError(f"checkpoint entry {where} is not a tensor of this factor")
+            if value.shape != current[name].shape or value.dtype != current[name].dtype:
+                raise ValueError(
+                    f"checkpoint entry {where} is {value.dtype} {tuple(value.shape)}, expected {current[name].dtype} {tuple(current[name].shape)}"
+                )
+
     def load_state_dict(self, state: dict[str, object]) -> None:
-        for name, value in state["tensors"].items():
-            current = getattr(self, name, None)
-            if isinstance(current, Tensor) and current.shape == value.shape:
-                current.copy_(value)
-            else:
-                setattr(self, name, value.to(device=self.device, dtype=self.dtype))
+        """Copy a state that :meth:`check_state` accepted into this factor's tensors."""
+        for name, current in self._tensors().items():
+            current.copy_(state["tensors"][name])
         self.initialized = bool(state["initialized"])
         self.refreshed = bool(state["refreshed"])
 

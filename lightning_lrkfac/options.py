@@ -152,6 +152,13 @@ class KFACOptions:
         "under DDP: `replicate` (every rank does every layer) or `layerwise` (one owner per layer, results broadcast)",
         one_of("replicate", "layerwise"),
     )
+    skip_non_finite_steps: bool = option(
+        True,
+        "when any gradient of a step (handled or plain) is inf/NaN, set every gradient to None so that the "
+        "optimizer changes nothing, fold nothing, and count the step (`skipped_steps`); one host sync per step. "
+        "Under AMP the loss scaler does this instead",
+        BOOL,
+    )
     log_stats: bool = option(
         True,
         "the callback logs `metrics()` as `lrkfac/*` on the steps the loggers write: damping, "

@@ -52,3 +52,12 @@ def test_lightning_logger_connector_attribute_exists():
     connector = getattr(trainer, "_logger_connector", None)
     assert connector is not None and hasattr(connector, "should_update_logs"), "Lightning dropped should_update_logs"
     assert compat.logger_writes_this_step(object()) is True  # unknown: log every step
+
+
+def test_ddp_strategy_private_attributes_exist():
+    from pytorch_lightning.strategies import DDPStrategy
+
+    spawn, unused = DDPStrategy(start_method="spawn"), DDPStrategy(find_unused_parameters=True)
+    assert hasattr(spawn, "_start_method") and hasattr(unused, "_ddp_kwargs"), "Lightning renamed DDPStrategy internals"
+    assert compat.ddp_start_method(spawn) == "spawn" and compat.ddp_start_method(DDPStrategy()) == "popen"
+    assert compat.ddp_finds_unused_parameters(unused) and not compat.ddp_finds_unused_parameters(DDPStrategy())

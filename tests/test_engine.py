@@ -110,8 +110,8 @@ def test_close_and_context_manager_remove_the_hooks():
     hooked = [m for m in model if isinstance(m, nn.Linear)]
     with LowRankKFAC(model, rank=8, kl_clip=None) as kfac:
         assert all(len(m._forward_hooks) == 1 for m in hooked)
-        model(torch.randn(2, 4))
-        assert any(kfac.capture.inputs[m] for m in hooked)
+        model(torch.randn(2, 4)).sum().backward()
+        assert all(len(kfac.capture.inputs[m]) == 1 for m in hooked)
     assert all(len(m._forward_hooks) == 0 for m in hooked)
     assert not any(kfac.capture.inputs[m] for m in hooked)
 
