@@ -105,8 +105,13 @@ class ActivationCapture:
         predictions, self.predictions = self.predictions, []
         for module in self.modules:
             self.outputs[module].clear()
-        if not predictions or not outputs:
+        if not outputs:
             return
+        if not predictions:
+            raise RuntimeError(
+                "fisher_type='mc': handled modules ran, but the prediction module's forward did not (or returned no "
+                "tensor that requires grad); name the module whose output is the prediction in `mc_output_module`."
+            )
         loss = sum(sampled_loss(prediction) for prediction in predictions) * scale
         grads = torch.autograd.grad(loss, [out for _, out in outputs], retain_graph=True, allow_unused=True)
         unreached = sorted({self.names[m] for (m, _), g in zip(outputs, grads) if g is None})

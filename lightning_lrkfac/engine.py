@@ -91,7 +91,7 @@ class LowRankKFAC:
             return None
         name = self.options.mc_output_module
         if name is None:
-            return self.layers[-1].module
+            return self.model
         modules = dict(self.model.named_modules())
         if name not in modules:
             raise ValueError(

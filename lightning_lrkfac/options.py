@@ -132,7 +132,7 @@ class KFACOptions:
         checkpoint=True,
     )
     mc_output_module: str | None = option(
-        None, "for `mc`: name of the module whose output is the prediction (null: last handled layer)", NAME_OR_NULL
+        None, "for `mc`: name of the module whose output is the prediction (null: the model itself)", NAME_OR_NULL
     )
     likelihood: str = option(
         "categorical",

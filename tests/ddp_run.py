@@ -9,6 +9,7 @@ no Lightning. Every rank writes its parameters and the engine's bookkeeping to `
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from pathlib import Path
@@ -42,9 +43,9 @@ def new_model() -> DigitsModule:
     return DigitsModule(lr=LR, width=32)
 
 
-def save(out: Path, rank: int, model: torch.nn.Module, engine: LowRankKFAC | None) -> None:
+def save(out: Path, rank: int, model: torch.nn.Module, engine: LowRankKFAC | None, **extra) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    record = {"parameters": {name: p.detach().clone() for name, p in model.named_parameters()}}
+    record = {"parameters": {name: p.detach().clone() for name, p in model.named_parameters()}, **extra}
     if engine is not None:
         record.update(
             curvature={
@@ -92,25 +93,56 @@ def run_lightning(args: argparse.Namespace) -> None:
     save(args.out, trainer.global_rank, model, None if args.plain else callback.engine)
 
 
+def same(a, b) -> bool:
+    """Nested dicts / lists of tensors and numbers, equal entry by entry."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
 def engine_worker(rank: int, args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     if args.devices > 1:
         dist.init_process_group("gloo", rank=rank, world_size=args.devices)
     model = new_model()
-    net = torch.nn.parallel.DistributedDataParallel(model) if args.devices > 1 else model
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     options = kfac_options(args)
     options.pop("log_stats")
-    with LowRankKFAC(model, **options) as kfac:
-        batches = iter(shard_loader(args.devices, rank, args.global_batch))
-        for _ in range(args.steps):
+    kfac = LowRankKFAC(model, **options)
+    resumed_equal = None
+    if args.resume is not None:  # saved under another world size or work distribution
+        saved = torch.load(args.resume)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        kfac.load_state_dict(saved["kfac"])
+        resumed_equal = same(kfac.state_dict(), saved["kfac"])
+    net = torch.nn.parallel.DistributedDataParallel(model) if args.devices > 1 else model
+    batches = iter(shard_loader(args.devices, rank, args.global_batch))
+    for _ in range(kfac.steps):  # the batches the saved run had already taken
+        next(batches)
+    with kfac:
+        for step in range(kfac.steps, args.steps):
             x, y = next(batches)
             optimizer.zero_grad()
-            F.cross_entropy(net(x), y).backward()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
             kfac.step(lr=optimizer)
             optimizer.step()
-    save(args.out, rank, model, kfac)
+            if step + 1 == args.save_at and rank == 0:
+                args.out.mkdir(parents=True, exist_ok=True)
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "kfac": kfac.state_dict()}
+                torch.save(state, args.out / "checkpoint.pt")
+    save(args.out, rank, model, kfac, resumed_equal=resumed_equal, final_loss=float(loss))
     if args.devices > 1:
+        # Free DDP's reducer while the process group is still registered: a reducer that holds the
+        # last reference destroys the gloo group from a destructor and can deadlock on the GIL.
+        del net
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -124,6 +156,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--plain", action="store_true", help="no callback (plain SGD), to check the harness")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--save-at", type=int, default=None, help="engine: save a checkpoint after this many steps")
+    parser.add_argument("--resume", type=Path, default=None, help="engine: continue from this checkpoint")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.driver == "lightning":

@@ -3,6 +3,7 @@ vs one process with the global batch."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -34,7 +35,7 @@ def run(out: Path, *args: str) -> dict[int, dict]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=150,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return {int(p.stem[4:]): torch.load(p) for p in sorted(out.glob("rank*.pt"))}
@@ -45,8 +46,13 @@ def max_relative_difference(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, dict[int, dict]]:
-    root = tmp_path_factory.mktemp("ddp")
+def ddp_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ddp")
+
+
+@pytest.fixture(scope="module")
+def runs(ddp_root) -> dict[str, dict[int, dict]]:
+    root = ddp_root
     return {
         "single_lowrank": run(root / "single_lowrank", "--devices", "1"),
         "single_exact": run(root / "single_exact", "--devices", "1", "--rank", "128"),
@@ -54,9 +60,43 @@ def runs(tmp_path_factory) -> dict[str, dict[int, dict]]:
         "ddp_lowrank_layerwise_again": run(root / "ddp_lowrank_layerwise_again", "--work", "layerwise"),
         "ddp_lowrank_replicate": run(root / "ddp_lowrank_replicate", "--work", "replicate"),
         "ddp_exact_layerwise": run(root / "ddp_exact_layerwise", "--rank", "128", "--work", "layerwise"),
-        "engine_lowrank_layerwise": run(root / "engine_lowrank_layerwise", "--driver", "engine", "--work", "layerwise"),
-        "engine_lowrank_replicate": run(root / "engine_lowrank_replicate", "--driver", "engine", "--work", "replicate"),
+        "engine_lowrank_layerwise": run(root / "engine_lowrank_layerwise", *ENGINE_SAVE, "--work", "layerwise"),
+        "engine_lowrank_replicate": run(root / "engine_lowrank_replicate", *ENGINE_SAVE, "--work", "replicate"),
+        "engine_single": run(root / "engine_single", *ENGINE_SAVE, "--devices", "1"),
     }
+
+
+ENGINE_SAVE = ("--driver", "engine", "--save-at", str(STEPS // 2))
+RESUMES = {  # (checkpoint's run, world size, work distribution) of each resumed run
+    "2-ranks-layerwise-to-1": ("engine_lowrank_layerwise", 1, "layerwise"),
+    "2-ranks-replicate-to-1": ("engine_lowrank_replicate", 1, "replicate"),
+    "1-to-2-ranks-layerwise": ("engine_single", 2, "layerwise"),
+    "1-to-2-ranks-replicate": ("engine_single", 2, "replicate"),
+}
+
+
+@pytest.mark.parametrize("name", list(RESUMES))
+def test_resume_across_world_sizes_and_work_distributions(runs, ddp_root, tmp_path, name):
+    """A checkpoint saved halfway under one world size resumes under another: the loaded state equals the saved
+    one, the loss stays finite, and the run ends where one process with the global batch does."""
+    source, devices, work = RESUMES[name]
+    checkpoint = ddp_root / source / "checkpoint.pt"
+    ranks = run(
+        tmp_path / "resumed",
+        "--driver",
+        "engine",
+        "--devices",
+        str(devices),
+        "--work",
+        work,
+        "--resume",
+        str(checkpoint),
+    )
+    assert sorted(ranks) == list(range(devices))
+    for record in ranks.values():
+        assert record["resumed_equal"] is True
+        assert math.isfinite(record["final_loss"])
+        assert max_relative_difference(record["parameters"], runs["single_lowrank"][0]["parameters"]) < 1e-4
 
 
 DATA_PARALLEL = ["ddp_lowrank_layerwise", "ddp_lowrank_replicate", "ddp_exact_layerwise"]
