@@ -27,7 +27,9 @@ class FuzzNet(nn.Module):
         self.inp = nn.Linear(5, width)
         self.hidden = nn.Linear(width, width)
         self.out = nn.Linear(width, CLASSES)
-        self.conv = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 16, width)) if conv else None
+        self.conv = (
+            nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 16, width)) if conv else None
+        )
         self.embedding = nn.Embedding(CLASSES, width) if embedding else None
         if embedding and tied:
             self.out.weight = self.embedding.weight
