@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from .layers import KFACLayer, parameter_holders
+from .layers import KFACLayer, parameter_holders, plain_reason
 from .lowrank import DenseFactor, DiagonalFactor, KroneckerFactor
 
 
@@ -27,13 +27,15 @@ def coverage_rows(model: nn.Module, layers: list[KFACLayer], skipped: dict[str, 
         if layer.has_bias:
             handled[id(layer.module.bias)] = how + (", bias augmented" if layer.augment else ", bias B⁻¹g")
     holders = parameter_holders(model)
+    modules = dict(model.named_modules())
     rows = []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         how = handled.get(id(parameter))
         if how is None:
-            reason = skipped.get(holders[id(parameter)][-1], "not a weight of a handled module type")
+            holder = holders[id(parameter)][-1]
+            reason = skipped.get(holder) or plain_reason(modules[holder]) or "not a weight of a handled module type"
             how = f"plain gradient ({reason})"
         rows.append(
             {"parameter": name, "numel": parameter.numel(), "preconditioned": id(parameter) in handled, "how": how}

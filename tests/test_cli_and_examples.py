@@ -80,3 +80,18 @@ def test_missing_torchvision_gives_a_clear_message(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match=r"pip install -e \.\[vision\]"):
         require_torchvision()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mnist1d") is None, reason="mnist1d is not installed")
+def test_mnist1d_cnn_config_learns_with_preconditioned_conv1d(tmp_path, monkeypatch, capsys):
+    """The Conv1d network's config: both convolutions are preconditioned and the test accuracy leaves chance (0.1)."""
+    monkeypatch.chdir(tmp_path)
+    from lightning_lrkfac.cli import LRKFACCLI
+
+    args = ["--config", str(ROOT / "configs/mnist1d_cnn.yaml"), "--trainer.max_epochs=2", "--trainer.logger=false"]
+    cli = LRKFACCLI(subclass_mode_model=True, subclass_mode_data=True, args=args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    kfac = next(c for c in cli.trainer.callbacks if type(c).__name__ == "LowRankKFACCallback").engine
+    assert [layer.describe() for layer in kfac.layers] == ["Conv1d", "Conv1d", "Linear (expand)"]
+    accuracy = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]["test_acc"]
+    assert accuracy > 0.5, accuracy

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lightning_lrkfac.layers import Conv2dLayer, LinearLayer
+from lightning_lrkfac.layers import Conv2dLayer, LinearLayer, layer_type
 
 
 @pytest.mark.parametrize(
@@ -57,3 +57,33 @@ def test_write_grads_round_trip_separate_bias():
     layer.write_grads(matrix, bias)
     torch.testing.assert_close(linear.weight.grad, matrix)
     torch.testing.assert_close(linear.bias.grad, bias[:, 0])
+
+
+@pytest.mark.parametrize(
+    "conv, shape",
+    [
+        (nn.Conv1d(3, 4, 3, padding=1), (2, 3, 9)),
+        (nn.Conv1d(3, 4, 4, stride=2, padding=3, dilation=2, bias=False), (2, 3, 11)),
+        (nn.Conv1d(3, 4, 3, padding="same", padding_mode="circular"), (2, 3, 7)),
+        (nn.Conv3d(2, 3, 3, padding=1), (2, 2, 4, 5, 3)),
+        (
+            nn.Conv3d(2, 3, (2, 3, 1), stride=(2, 1, 1), padding=(1, 2, 0), dilation=(1, 2, 1), bias=False),
+            (2, 2, 5, 6, 3),
+        ),
+        (nn.Conv3d(2, 3, 3, padding="same", padding_mode="reflect"), (2, 2, 4, 5, 4)),
+    ],
+    ids=["1d", "1d-stride-dilation", "1d-same-circular", "3d", "3d-mixed", "3d-same-reflect"],
+)
+def test_conv1d_and_conv3d_rows_reproduce_forward_and_weight_grad(conv, shape):
+    layer = layer_type(conv)("conv", conv, bias_mode="augment")
+    x = torch.randn(*shape)
+    out = conv(x)
+    rows = layer.input_rows(x)
+    weight = conv.weight.reshape(conv.out_channels, -1)
+    if layer.augment:
+        weight = torch.cat([weight, conv.bias[:, None]], dim=1)
+    torch.testing.assert_close(rows @ weight.T, layer.output_grad_rows(out), rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    torch.testing.assert_close(layer.grad_matrix(), layer.output_grad_rows(grad_out).T @ rows, rtol=1e-5, atol=1e-5)
+    assert layer.num_samples(grad_out) == 2 and layer.describe() == type(conv).__name__

@@ -1,4 +1,4 @@
-"""LightningModules for the examples and configs: an MLP, a small CNN, a CIFAR ResNet-18 and
+"""LightningModules for the examples and configs: an MLP, a small 2D and a 1D CNN, a CIFAR ResNet-18 and
 a small GPT-style language model.
 
 They are ordinary classifiers (cross-entropy, torchmetrics accuracy, SGD or Adam; the
@@ -110,6 +110,31 @@ class CNNClassifier(Classifier):
             layers += [nn.Conv2d(previous, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
             size, previous = size // 2, width
         layers += [nn.Flatten(), nn.Linear(previous * size * size, num_classes)]
+        self.net = nn.Sequential(*layers)
+
+
+class Conv1dClassifier(Classifier):
+    """1D CNN for signals (batch, length): conv-ReLU-maxpool blocks (same padding) and a linear head."""
+
+    def __init__(
+        self,
+        length: int = 40,
+        channels: Sequence[int] = (32, 64),
+        kernel_size: int = 5,
+        num_classes: int = 10,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        optimizer: str = "sgd",
+    ) -> None:
+        super().__init__(num_classes, lr, momentum, weight_decay, optimizer)
+        self.save_hyperparameters()
+        layers: list[nn.Module] = [nn.Unflatten(1, (1, length))]
+        size, previous = length, 1
+        for width in channels:
+            layers += [nn.Conv1d(previous, width, kernel_size, padding=kernel_size // 2), nn.ReLU(), nn.MaxPool1d(2)]
+            size, previous = size // 2, width
+        layers += [nn.Flatten(), nn.Linear(previous * size, num_classes)]
         self.net = nn.Sequential(*layers)
 
 

@@ -12,13 +12,22 @@ from torch import nn
 
 from ..options import KFACOptions
 from .base import KFACLayer
-from .conv import Conv2dLayer
+from .conv import Conv1dLayer, Conv2dLayer, Conv3dLayer
 from .embedding import EmbeddingLayer
 from .linear import LinearLayer
 
-LAYER_TYPES: tuple[type[KFACLayer], ...] = (LinearLayer, Conv2dLayer, EmbeddingLayer)
+LAYER_TYPES: tuple[type[KFACLayer], ...] = (LinearLayer, Conv1dLayer, Conv2dLayer, Conv3dLayer, EmbeddingLayer)
 
-__all__ = ["LAYER_TYPES", "Conv2dLayer", "EmbeddingLayer", "KFACLayer", "LinearLayer", "parameter_holders"]
+__all__ = [
+    "LAYER_TYPES",
+    "Conv1dLayer",
+    "Conv2dLayer",
+    "Conv3dLayer",
+    "EmbeddingLayer",
+    "KFACLayer",
+    "LinearLayer",
+    "parameter_holders",
+]
 
 
 def parameter_holders(model: nn.Module) -> dict[int, list[str]]:
@@ -28,6 +37,25 @@ def parameter_holders(model: nn.Module) -> dict[int, list[str]]:
         for parameter in module.parameters(recurse=False):
             holders.setdefault(id(parameter), []).append(name)
     return holders
+
+
+#: Module types that hold trainable weights but keep the plain gradient, with the reason (coverage table).
+PLAIN_MODULE_TYPES: tuple[tuple[type[nn.Module], str], ...] = (
+    (
+        nn.RNNBase,
+        "recurrent layer (nn.LSTM / nn.GRU / nn.RNN): its weights are shared over time steps inside a fused kernel; not handled",
+    ),
+    (nn.modules.conv._ConvTransposeNd, "transposed convolution: not handled"),
+    (nn.MultiheadAttention, "nn.MultiheadAttention's in_proj weight is used functionally; not handled"),
+    (nn.modules.batchnorm._NormBase, "normalization layer"),
+    (nn.LayerNorm, "normalization layer"),
+    (nn.GroupNorm, "normalization layer"),
+)
+
+
+def plain_reason(module: nn.Module) -> str | None:
+    """Why a module of an unhandled type that holds weights keeps the plain gradient, if the type is known."""
+    return next((reason for cls, reason in PLAIN_MODULE_TYPES if isinstance(module, cls)), None)
 
 
 def layer_type(module: nn.Module) -> type[KFACLayer] | None:

@@ -1,7 +1,9 @@
-"""nn.Conv2d (groups = 1): A from im2col patches, one row per output location (KFC, Grosse & Martens 2016)."""
+"""nn.Conv1d / Conv2d / Conv3d (groups = 1): A from patches, one row per output location (KFC,
+Grosse & Martens 2016); B over the output channels. Every output location is an example (expand)."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
@@ -14,12 +16,32 @@ if TYPE_CHECKING:
     from ..options import KFACOptions
 
 
-class Conv2dLayer(KFACLayer):
-    """Every output location is an example (expand); the weight is out × (in·kh·kw)."""
+def conv_patches(module: nn.Module, inputs: Tensor) -> Tensor:
+    """The receptive field of every output location as rows (batch·locations × in_channels·kernel).
 
-    module_type = nn.Conv2d
+    Columns are ordered as ``module.weight[o].reshape(-1)``, so rows @ Wᵀ is the conv's output
+    without bias. 2D uses im2col (``F.unfold``); 1D and 3D unfold each spatial dim in turn.
+    """
+    dims = len(module.kernel_size)
+    if module.padding_mode != "zeros" or isinstance(module.padding, str) or dims != 2:
+        inputs, padding = pad_like_conv(module, inputs), 0
+    else:
+        padding = module.padding
+    if dims == 2:
+        patches = F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    for offset, (kernel, stride, dilation) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        span = dilation * (kernel - 1) + 1
+        inputs = inputs.unfold(2 + offset, span, stride)[..., ::dilation]  # appends a kernel dim
+    # (batch, channels, out_1..out_d, k_1..k_d) → (batch, out_1..out_d, channels, k_1..k_d)
+    inputs = inputs.movedim(1, 1 + dims)
+    return inputs.reshape(-1, module.in_channels * math.prod(module.kernel_size))
 
-    def __init__(self, name: str, module: nn.Conv2d, bias_mode: str = "augment") -> None:
+
+class ConvLayer(KFACLayer):
+    """What the three conv classes share; the weight is out × (in·kernel)."""
+
+    def __init__(self, name: str, module: nn.Module, bias_mode: str = "augment") -> None:
         has_bias, augment = self.bias_flags(module, bias_mode)
         super().__init__(name, module, module.weight[0].numel() + int(augment), module.out_channels, has_bias, augment)
 
@@ -28,18 +50,31 @@ class Conv2dLayer(KFACLayer):
         return f"groups={module.groups} (only groups=1 is handled)" if module.groups != 1 else None
 
     def describe(self) -> str:
-        return "Conv2d"
+        return self.module_type.__name__
+
+    def _batched(self, tensor: Tensor) -> Tensor:
+        """Unbatched calls (channels, spatial…) get a batch of one."""
+        return tensor.unsqueeze(0) if tensor.dim() == len(self.module.kernel_size) + 1 else tensor
 
     def _input_rows(self, inputs: Tensor) -> Tensor:
-        module, padding = self.module, self.module.padding
-        if isinstance(padding, str) or module.padding_mode != "zeros":
-            inputs, padding = pad_like_conv(module, inputs), 0
-        patches = F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        return conv_patches(self.module, self._batched(inputs))
 
     def output_grad_rows(self, grads: Tensor) -> Tensor:
+        grads = self._batched(grads)
         return grads.movedim(1, -1).reshape(-1, grads.shape[1])
 
     def num_samples(self, grads: Tensor) -> int:
         """The batch: a mean-reduced loss averages over examples, not locations."""
-        return grads.shape[0]
+        return self._batched(grads).shape[0]
+
+
+class Conv1dLayer(ConvLayer):
+    module_type = nn.Conv1d
+
+
+class Conv2dLayer(ConvLayer):
+    module_type = nn.Conv2d
+
+
+class Conv3dLayer(ConvLayer):
+    module_type = nn.Conv3d
