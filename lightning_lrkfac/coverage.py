@@ -7,10 +7,12 @@ from typing import Any
 from torch import nn
 
 from .layers import KFACLayer, parameter_holders, plain_reason
-from .lowrank import DenseFactor, DiagonalFactor, KroneckerFactor
+from .lowrank import DenseFactor, DiagonalFactor, GroupedDenseFactor, KroneckerFactor
 
 
 def _describe(factor: KroneckerFactor) -> str:
+    if isinstance(factor, GroupedDenseFactor):
+        return f"dense {factor.groups}×{factor.dim}"
     if isinstance(factor, DenseFactor):
         return f"dense {factor.dim}"
     if isinstance(factor, DiagonalFactor):

@@ -33,9 +33,11 @@ def add_scaled(target: Tensor, value: Tensor, weight: float | Tensor) -> None:
 
 
 def add_product(target: Tensor, left: Tensor, right: Tensor, weight: float | Tensor) -> None:
-    """target += weight · left @ right, fused (addmm_) when the weight is a number."""
+    """target += weight · left @ right (batched over a leading dim for 3-D operands), fused when the weight is a number."""
     if isinstance(weight, Tensor):
         target.add_(weight * (left @ right))
+    elif left.dim() == 3:
+        target.baddbmm_(left, right, alpha=weight)
     else:
         target.addmm_(left, right, alpha=weight)
 
@@ -236,6 +238,58 @@ class DenseFactor(KroneckerFactor):
 
     def work(self) -> tuple[float, int]:
         return float(self.dim) ** 3, self.dim
+
+
+class GroupedDenseFactor(KroneckerFactor):
+    """Exact factors of ``groups`` independent blocks at once (a grouped convolution): (groups, d, d).
+
+    Rows come as (groups, n, d); every quantity carries the group as its leading dim (traces
+    and damping too, so each block gets its own π), and refresh and apply are batched: no
+    Python loop over groups.
+    """
+
+    def __init__(self, groups: int, dim: int, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(dim, device, dtype)
+        self.groups = groups
+        self.trace = torch.zeros(groups, device=device, dtype=dtype)
+        self.pending_trace = torch.zeros_like(self.trace)
+        self.inverse_damping = torch.zeros_like(self.trace)
+        self.matrix = torch.zeros(groups, dim, dim, device=device, dtype=dtype)
+        self.pending_matrix = torch.zeros_like(self.matrix)
+        self.eigenvectors = torch.eye(dim, device=device, dtype=dtype).repeat(groups, 1, 1)
+        self.eigenvalues = torch.zeros(groups, dim, device=device, dtype=dtype)
+
+    def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
+        add_scaled(self.pending_trace, rows.square().sum((1, 2)), weight)
+        add_product(self.pending_matrix, rows.mT, rows, weight)
+
+    def _pending(self) -> list[Tensor]:
+        return [self.pending_matrix]
+
+    def _state(self) -> list[Tensor]:
+        return [self.matrix]
+
+    def refresh(self) -> None:
+        values, vectors = symmetric_eigh_desc(self.matrix)
+        self.eigenvalues, self.eigenvectors = values.clamp_min(0.0), vectors
+        self.refreshed = True
+
+    def inverse_right(self, matrix: Tensor) -> Tensor:
+        """X_g ↦ X_g (F_g + δ_g I)⁻¹ for every group g; X is (groups, rows, d)."""
+        scale = 1.0 / (self.eigenvalues + self.inverse_damping[:, None])
+        return ((matrix @ self.eigenvectors) * scale[:, None, :]) @ self.eigenvectors.mT
+
+    def inverse_left(self, matrix: Tensor) -> Tensor:
+        return self.inverse_right(matrix.mT).mT
+
+    def captured_trace(self) -> Tensor:
+        return torch.ones((), device=self.device, dtype=self.dtype)
+
+    def basis_tensors(self) -> list[Tensor]:
+        return [self.eigenvectors, self.eigenvalues]
+
+    def work(self) -> tuple[float, int]:
+        return self.groups * float(self.dim) ** 3, self.dim
 
 
 class DiagonalFactor(KroneckerFactor):

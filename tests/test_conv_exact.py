@@ -1,4 +1,5 @@
-"""Exact mode on Conv1d / Conv2d / Conv3d equals dense K-FAC built from patches extracted by plain index loops."""
+"""Exact mode on Conv1d / Conv2d / Conv3d, grouped and depthwise, equals dense K-FAC built from patches extracted
+by plain index loops (one block per group)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lightning_lrkfac import LowRankKFAC
 
 from .helpers import damped_natural, kfac_grads
 
@@ -48,6 +51,9 @@ CASES = {
     "conv2d": (lambda: nn.Conv2d(2, 3, (2, 3), stride=(2, 1), padding=(1, 0), dilation=(1, 2)), (4, 2, 5, 6)),
     "conv3d": (lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1, dilation=(2, 1, 1)), (3, 2, 4, 4, 3)),
     "conv3d-no-bias": (lambda: nn.Conv3d(1, 2, (1, 2, 2), padding=(0, 1, 0), bias=False), (3, 1, 3, 3, 3)),
+    "conv2d-groups-2": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (4, 4, 5, 5)),
+    "conv2d-depthwise": (lambda: nn.Conv2d(3, 3, 3, padding=1, groups=3), (4, 3, 4, 4)),
+    "conv1d-depthwise-multiplier-2": (lambda: nn.Conv1d(2, 4, 3, groups=2, bias=False), (5, 2, 7)),
 }
 
 
@@ -67,21 +73,80 @@ def test_exact_mode_on_convolutions_matches_a_loop_built_dense_reference(case):
         handle.remove()
         (output_grad,) = torch.autograd.grad(loss, outputs["s"], retain_graph=True)
         weight_grads = torch.autograd.grad(loss, [p for p in conv.parameters()])
-        a = naive_patches(conv, x)
-        g = output_grad.movedim(1, -1).reshape(-1, conv.out_channels) * shape[0]  # per-example grads, KFC rows
-        gradient = weight_grads[0].reshape(conv.out_channels, -1)
-        if conv.bias is not None:
-            a = torch.cat([a, torch.ones(a.shape[0], 1)], 1)
-            gradient = torch.cat([gradient, weight_grads[1][:, None]], 1)
-        # KFC (Grosse & Martens 2016; asdl's Conv2d convention): A averages over locations, B sums over them.
-        A, B = a.T @ a / a.shape[0], g.T @ g / shape[0]
-        expected = damped_natural(A, B, gradient, damping)
+        patches = naive_patches(conv, x)
+        rows = output_grad.movedim(1, -1).reshape(-1, conv.out_channels) * shape[0]  # per-example grads
+        groups, out = conv.groups, conv.out_channels // conv.groups
+        width = patches.shape[1] // groups
+        expected, gradients = [], []
+        for g in range(groups):  # each group its own block, with its own π
+            a, b_rows = patches[:, g * width : (g + 1) * width], rows[:, g * out : (g + 1) * out]
+            gradient = weight_grads[0][g * out : (g + 1) * out].reshape(out, -1)
+            if conv.bias is not None:
+                a = torch.cat([a, torch.ones(a.shape[0], 1)], 1)
+                gradient = torch.cat([gradient, weight_grads[1][g * out : (g + 1) * out, None]], 1)
+            # KFC (Grosse & Martens 2016; asdl's Conv2d convention): A averages over locations, B sums over them.
+            A, B = a.T @ a / a.shape[0], b_rows.T @ b_rows / shape[0]
+            expected.append(damped_natural(A, B, gradient, damping))
+            gradients.append(gradient)
+        expected, gradient = torch.cat(expected), torch.cat(gradients)
         grads, kfac = kfac_grads(model, x, y, rank=64, damping=damping, kl_clip=None, include=["conv"])
     finally:
         torch.set_default_dtype(torch.float32)
     assert [layer.name for layer in kfac.layers] == ["conv"]
-    got = grads[0].reshape(conv.out_channels, -1)
+    got = grads[0].reshape(conv.out_channels, -1)  # groups stacked: the rows of each group's block
     if conv.bias is not None:
         got = torch.cat([got, grads[1][:, None]], 1)
     assert not torch.allclose(got, gradient, rtol=1e-3)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+class DepthwiseBlock(nn.Module):
+    """MobileNet-style residual block: depthwise 3×3, pointwise 1×1, batch norms, identity skip."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.pointwise = nn.Conv2d(channels, channels, 1, bias=False)
+        self.norm1, self.norm2 = nn.BatchNorm2d(channels), nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(x + self.norm2(self.pointwise(torch.relu(self.norm1(self.depthwise(x))))))
+
+
+def depthwise_resnet() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        DepthwiseBlock(32),
+        nn.Conv2d(32, 64, 1, stride=2, bias=False),
+        DepthwiseBlock(64),
+        DepthwiseBlock(64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+
+
+def test_resnet_style_cnn_with_depthwise_blocks_is_covered_and_trains():
+    torch.manual_seed(0)
+    model = depthwise_resnet()
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with LowRankKFAC(model, rank=16, damping=1e-2) as kfac:
+        losses = []
+        for _ in range(15):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            kfac.step(lr=optimizer)
+            optimizer.step()
+            losses.append(float(loss))
+    rows = kfac.coverage
+    share = sum(r["numel"] for r in rows if r["preconditioned"]) / sum(r["numel"] for r in rows)
+    assert share >= 0.95, kfac.coverage_report()
+    assert {r["how"].split(", A")[0] for r in rows if "depthwise" in r["parameter"]} == {
+        "K-FAC Conv2d, 32 groups",
+        "K-FAC Conv2d, 64 groups",
+    }
+    assert losses[-1] < 0.5 * losses[0], losses

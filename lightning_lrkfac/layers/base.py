@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
 
 def concat(rows: list[Tensor]) -> Tensor:
-    """The rows of every call stacked; no copy for the usual single call."""
-    return rows[0] if len(rows) == 1 else torch.cat(rows)
+    """The rows of every call stacked (rows are the second-to-last dim); no copy for the usual single call."""
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=-2)
 
 
 class KFACLayer(ABC):
@@ -164,13 +164,13 @@ class KFACLayer(ABC):
 
     def _accumulate_inputs(self, inputs: list[Tensor]) -> None:
         a_rows = concat([self.input_rows(x) for x in inputs])
-        self.a_factor.accumulate(a_rows, 1.0 / a_rows.shape[0])
+        self.a_factor.accumulate(a_rows, 1.0 / a_rows.shape[-2])
 
     def input_rows(self, inputs: Tensor) -> Tensor:
         """Layer inputs as rows (samples × in'), with the ones column when the bias is augmented."""
         rows = self._input_rows(inputs)
         if self.augment:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+            rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
         return rows
 
     @abstractmethod
@@ -186,37 +186,40 @@ class KFACLayer(ABC):
         """Examples a mean-reduced loss averages over, for an output gradient of this shape."""
 
     # -- gradients ----------------------------------------------------------------------
+    #: Leading block dims of the gradient matrix: () for one block, (groups,) for a grouped conv.
+    blocks: tuple[int, ...] = ()
+
     def grad_matrix(self) -> Tensor | None:
-        """∂L/∂W as an out × in' matrix (bias column appended when augmented); None if no grad."""
+        """∂L/∂W as (blocks…, out, in') (bias column appended when augmented; a view when it can be); None if no grad."""
         weight_grad = self.weight.grad
         if weight_grad is None:
             return None
-        matrix = weight_grad.reshape(self.out_dim, -1)
+        matrix = weight_grad.reshape(*self.blocks, self.out_dim, -1)
         if self.augment:
             bias_grad = self.module.bias.grad
             if bias_grad is None:
-                bias_grad = torch.zeros(self.out_dim, device=matrix.device, dtype=matrix.dtype)
-            matrix = torch.cat([matrix, bias_grad[:, None]], dim=1)
+                bias_grad = torch.zeros(self.weight.shape[0], device=matrix.device, dtype=matrix.dtype)
+            matrix = torch.cat([matrix, bias_grad.reshape(*self.blocks, self.out_dim, 1)], dim=-1)
         return matrix
 
     def separate_bias_grad(self) -> Tensor | None:
-        """The bias gradient as an out × 1 matrix when it has its own block, else None."""
+        """The bias gradient as (blocks…, out, 1) when it has its own block, else None."""
         if not self.has_bias or self.augment or self.module.bias.grad is None:
             return None
-        return self.module.bias.grad[:, None]
+        return self.module.bias.grad.reshape(*self.blocks, self.out_dim, 1)
 
     def write_grads(self, matrix: Tensor, bias_column: Tensor | None) -> None:
         """Copy a preconditioned gradient matrix (and separate bias column) back into .grad."""
-        weight_part = matrix[:, : self.in_dim - int(self.augment)]
+        weight_part = matrix[..., : self.in_dim - int(self.augment)]
         self.weight.grad.copy_(weight_part.reshape_as(self.weight.grad))
         if self.augment and self.module.bias.grad is not None:
-            self.module.bias.grad.copy_(matrix[:, -1])
+            self.module.bias.grad.copy_(matrix[..., -1].reshape(-1))
         elif bias_column is not None:
-            self.module.bias.grad.copy_(bias_column[:, 0])
+            self.module.bias.grad.copy_(bias_column.reshape(-1))
 
     def split_inner_product(self, naturals: list[Tensor], grads: list[Tensor]) -> tuple[Tensor, Tensor | None]:
         """(⟨P, G⟩ over the weight, ⟨P, G⟩ over the bias or None): the KL clip weighs each by its own lr."""
         products = [natural * grad for natural, grad in zip(naturals, grads)]
         if self.augment:
-            return products[0][:, :-1].sum(), products[0][:, -1].sum()
+            return products[0][..., :-1].sum(), products[0][..., -1].sum()
         return products[0].sum(), (products[1].sum() if len(products) > 1 else None)

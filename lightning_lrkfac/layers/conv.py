@@ -1,15 +1,18 @@
-"""nn.Conv1d / Conv2d / Conv3d (groups = 1): A from patches, one row per output location (KFC,
-Grosse & Martens 2016); B over the output channels. Every output location is an example (expand)."""
+"""nn.Conv1d / Conv2d / Conv3d: A from patches, one row per output location (KFC, Grosse & Martens
+2016); B over the output channels. Every output location is an example (expand). A grouped or
+depthwise convolution is one K-FAC block per group, all groups kept exactly and batched."""
 
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..compat import pad_like_conv
+from ..lowrank import GroupedDenseFactor
 from .base import KFACLayer
 
 if TYPE_CHECKING:
@@ -39,29 +42,66 @@ def conv_patches(module: nn.Module, inputs: Tensor) -> Tensor:
 
 
 class ConvLayer(KFACLayer):
-    """What the three conv classes share; the weight is out × (in·kernel)."""
+    """What the three conv classes share; the weight of each group is (out/groups) × (in/groups·kernel)."""
 
     def __init__(self, name: str, module: nn.Module, bias_mode: str = "augment") -> None:
         has_bias, augment = self.bias_flags(module, bias_mode)
-        super().__init__(name, module, module.weight[0].numel() + int(augment), module.out_channels, has_bias, augment)
+        in_dim, out_dim = module.weight[0].numel() + int(augment), module.out_channels // module.groups
+        super().__init__(name, module, in_dim, out_dim, has_bias, augment)
+        self.groups = module.groups
+        self.blocks = (module.groups,) if module.groups > 1 else ()
 
     @classmethod
     def unsupported(cls, module: nn.Module, options: KFACOptions) -> str | None:
-        return f"groups={module.groups} (only groups=1 is handled)" if module.groups != 1 else None
+        """Grouped convolutions are kept exact per group: their blocks must be within the dense limit."""
+        if module.groups == 1:
+            return None
+        limit = max(options.rank, options.dense_threshold)
+        sizes = (module.weight[0].numel() + 1, module.out_channels // module.groups)
+        if max(sizes) <= limit:
+            return None
+        return (
+            f"groups={module.groups} with per-group factors of sizes {sizes} above max(rank, dense_threshold)={limit}: "
+            "grouped blocks are kept exact only; raise `dense_threshold` to cover them"
+        )
 
     def describe(self) -> str:
-        return self.module_type.__name__
+        groups = f", {self.groups} groups" if self.groups > 1 else ""
+        return self.module_type.__name__ + groups
+
+    def build_factors(
+        self,
+        rank: int,
+        oversampling: int,
+        dense_threshold: int,
+        isotropic_tail: bool,
+        generator: torch.Generator,
+        dtype: torch.dtype,
+    ) -> None:
+        """One block per group, kept exact and batched; a plain conv is one block as usual."""
+        if self.groups == 1:
+            super().build_factors(rank, oversampling, dense_threshold, isotropic_tail, generator, dtype)
+            return
+        device = self.weight.device
+        self.a_factor = GroupedDenseFactor(self.groups, self.in_dim, device, dtype)
+        self.b_factor = GroupedDenseFactor(self.groups, self.out_dim, device, dtype)
+
+    def _grouped(self, rows: Tensor) -> Tensor:
+        """(n, groups·d) rows → (groups, n, d): each group's channels are contiguous columns."""
+        if self.groups == 1:
+            return rows
+        return rows.reshape(rows.shape[0], self.groups, -1).transpose(0, 1)
 
     def _batched(self, tensor: Tensor) -> Tensor:
         """Unbatched calls (channels, spatial…) get a batch of one."""
         return tensor.unsqueeze(0) if tensor.dim() == len(self.module.kernel_size) + 1 else tensor
 
     def _input_rows(self, inputs: Tensor) -> Tensor:
-        return conv_patches(self.module, self._batched(inputs))
+        return self._grouped(conv_patches(self.module, self._batched(inputs)))
 
     def output_grad_rows(self, grads: Tensor) -> Tensor:
         grads = self._batched(grads)
-        return grads.movedim(1, -1).reshape(-1, grads.shape[1])
+        return self._grouped(grads.movedim(1, -1).reshape(-1, grads.shape[1]))
 
     def num_samples(self, grads: Tensor) -> int:
         """The batch: a mean-reduced loss averages over examples, not locations."""
