@@ -7,12 +7,19 @@ import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 
 from lightning_lrkfac import LowRankKFACCallback
 
 from .conftest import mlp
-from .helpers import DigitsModule, GradRecorder, damped_natural, digits_loader, kfac_grads, quiet_trainer
+from .helpers import (
+    DigitsModule,
+    GradRecorder,
+    damped_natural,
+    digits_loader,
+    digits_tensors,
+    kfac_grads,
+    quiet_trainer,
+)
 
 
 def dense_kfac_augmented(model: nn.Sequential, x, y, damping):
@@ -54,9 +61,7 @@ def test_exact_mode_augmented_bias_matches_dense_reference():
 
 def test_low_rank_direction_approaches_exact_kfac_as_rank_grows():
     torch.manual_seed(0)
-    x_all, y_all = load_digits(return_X_y=True)
-    x = torch.tensor(x_all[:512] / 16.0, dtype=torch.float32)
-    y = torch.tensor(y_all[:512])
+    x, y = digits_tensors(limit=512)
     model = nn.Sequential(nn.Linear(64, 96), nn.Tanh(), nn.Linear(96, 96), nn.Tanh(), nn.Linear(96, 10))
     flat = lambda grads: torch.cat([g.flatten() for g in grads])  # noqa: E731
     exact = flat(kfac_grads(model, x, y, rank=128, kl_clip=None)[0])
