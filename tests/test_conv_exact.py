@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_lrkfac import LowRankKFAC
+from lightning_lrkfac.examples.models import DepthwiseCNNClassifier
 
 from .helpers import damped_natural, kfac_grads
 
@@ -100,37 +101,9 @@ def test_exact_mode_on_convolutions_matches_a_loop_built_dense_reference(case):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
-class DepthwiseBlock(nn.Module):
-    """MobileNet-style residual block: depthwise 3×3, pointwise 1×1, batch norms, identity skip."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.depthwise = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
-        self.pointwise = nn.Conv2d(channels, channels, 1, bias=False)
-        self.norm1, self.norm2 = nn.BatchNorm2d(channels), nn.BatchNorm2d(channels)
-
-    def forward(self, x):
-        return torch.relu(x + self.norm2(self.pointwise(torch.relu(self.norm1(self.depthwise(x))))))
-
-
-def depthwise_resnet() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1, bias=False),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        DepthwiseBlock(32),
-        nn.Conv2d(32, 64, 1, stride=2, bias=False),
-        DepthwiseBlock(64),
-        DepthwiseBlock(64),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(64, 10),
-    )
-
-
 def test_resnet_style_cnn_with_depthwise_blocks_is_covered_and_trains():
     torch.manual_seed(0)
-    model = depthwise_resnet()
+    model = DepthwiseCNNClassifier(widths=(32, 64))  # depthwise + pointwise residual blocks, batch norms
     x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     with LowRankKFAC(model, rank=16, damping=1e-2) as kfac:
@@ -145,7 +118,7 @@ def test_resnet_style_cnn_with_depthwise_blocks_is_covered_and_trains():
     rows = kfac.coverage
     share = sum(r["numel"] for r in rows if r["preconditioned"]) / sum(r["numel"] for r in rows)
     assert share >= 0.95, kfac.coverage_report()
-    assert {r["how"].split(", A")[0] for r in rows if "depthwise" in r["parameter"]} == {
+    assert {r["how"].split(", A")[0] for r in rows if "depthwise.weight" in r["parameter"]} == {
         "K-FAC Conv2d, 32 groups",
         "K-FAC Conv2d, 64 groups",
     }

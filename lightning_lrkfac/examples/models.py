@@ -138,6 +138,46 @@ class Conv1dClassifier(Classifier):
         self.net = nn.Sequential(*layers)
 
 
+class DepthwiseCNNClassifier(Classifier):
+    """MobileNet-style CNN: a 3×3 stem, then blocks of depthwise 3×3 + pointwise 1×1 convolutions
+    with batch norm and a residual connection (stride 2 between widths), pooling and a linear head."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        widths: Sequence[int] = (32, 64, 128),
+        num_classes: int = 10,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        optimizer: str = "sgd",
+    ) -> None:
+        super().__init__(num_classes, lr, momentum, weight_decay, optimizer)
+        self.save_hyperparameters()
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+        ]
+        for previous, width in zip(widths, widths[1:]):
+            layers += [DepthwiseSeparableBlock(previous), nn.Conv2d(previous, width, 1, stride=2, bias=False)]
+        layers += [DepthwiseSeparableBlock(widths[-1]), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        layers.append(nn.Linear(widths[-1], num_classes))
+        self.net = nn.Sequential(*layers)
+
+
+class DepthwiseSeparableBlock(nn.Module):
+    """x + BN(pointwise(ReLU(BN(depthwise(x))))), then ReLU."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.pointwise = nn.Conv2d(channels, channels, 1, bias=False)
+        self.norm1, self.norm2 = nn.BatchNorm2d(channels), nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.norm2(self.pointwise(torch.relu(self.norm1(self.depthwise(x))))))
+
+
 def require_torchvision():
     """Import torchvision or explain how to get it (the optional ``vision`` extra)."""
     try:

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..options import KFACOptions
 from .base import KFACLayer
-from .conv import Conv1dLayer, Conv2dLayer, Conv3dLayer
+from .conv import Conv1dLayer, Conv2dLayer, Conv3dLayer, ConvLayer
 from .embedding import EmbeddingLayer
 from .linear import LinearLayer
 
@@ -23,6 +23,7 @@ __all__ = [
     "Conv1dLayer",
     "Conv2dLayer",
     "Conv3dLayer",
+    "ConvLayer",
     "EmbeddingLayer",
     "KFACLayer",
     "LinearLayer",
