@@ -216,8 +216,9 @@ class DenseFactor(KroneckerFactor):
         self.eigenvalues = torch.zeros(dim, device=device, dtype=dtype)
 
     def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
-        add_scaled(self.pending_trace, rows.square().sum(), weight)
         add_product(self.pending_matrix, rows.mT, rows, weight)
+        # tr(rowsᵀrows) = Σ rows²: read off the diagonal instead of another pass over the rows.
+        self.pending_trace.copy_(self.pending_matrix.diagonal().sum())
 
     def _pending(self) -> list[Tensor]:
         return [self.pending_matrix]
@@ -260,8 +261,8 @@ class GroupedDenseFactor(KroneckerFactor):
         self.eigenvalues = torch.zeros(groups, dim, device=device, dtype=dtype)
 
     def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
-        add_scaled(self.pending_trace, rows.square().sum((1, 2)), weight)
         add_product(self.pending_matrix, rows.mT, rows, weight)
+        self.pending_trace.copy_(self.pending_matrix.diagonal(dim1=-2, dim2=-1).sum(-1))  # as DenseFactor
 
     def _pending(self) -> list[Tensor]:
         return [self.pending_matrix]
