@@ -40,7 +40,7 @@ from lightning_lrkfac.examples.models import (
     ResNet18Classifier,
 )
 from lightning_lrkfac.layers import ConvLayer, EmbeddingLayer
-from lightning_lrkfac.lowrank import DenseFactor, DiagonalFactor, GroupedDenseFactor, KroneckerFactor
+from lightning_lrkfac.lowrank import DenseFactor, DiagonalFactor, KroneckerFactor
 
 from .common import RESULTS, device_record, print_table, pyplot, write_json
 from .training import StepTimer, quiet_trainer
@@ -123,22 +123,22 @@ def _train_loader(datamodule):
 
 
 def _width(factor: KroneckerFactor) -> int:
-    if isinstance(factor, (DenseFactor, GroupedDenseFactor)):
+    if isinstance(factor, DenseFactor):
         return factor.dim
     return 1 if isinstance(factor, DiagonalFactor) else factor.rank
 
 
 def _statistics_flops(factor: KroneckerFactor, n: int) -> float:
-    if isinstance(factor, (DenseFactor, GroupedDenseFactor)):
-        return 2.0 * n * factor.dim**2 * getattr(factor, "groups", 1)
+    if isinstance(factor, DenseFactor):
+        return 2.0 * n * factor.dim**2 * factor.groups
     if isinstance(factor, DiagonalFactor):
         return float(n * factor.dim)
     return 4.0 * n * factor.dim * factor.test.shape[1]
 
 
 def _refresh_flops(factor: KroneckerFactor) -> float:
-    if isinstance(factor, (DenseFactor, GroupedDenseFactor)):
-        return 10.0 * factor.dim**3 * getattr(factor, "groups", 1)
+    if isinstance(factor, DenseFactor):
+        return 10.0 * factor.dim**3 * factor.groups
     if isinstance(factor, DiagonalFactor):
         return 0.0
     return 10.0 * factor.dim * factor.test.shape[1] ** 2

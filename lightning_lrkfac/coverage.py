@@ -7,14 +7,12 @@ from typing import Any
 from torch import nn
 
 from .layers import KFACLayer, parameter_holders, plain_reason
-from .lowrank import DenseFactor, DiagonalFactor, GroupedDenseFactor, KroneckerFactor
+from .lowrank import DenseFactor, DiagonalFactor, KroneckerFactor
 
 
 def _describe(factor: KroneckerFactor) -> str:
-    if isinstance(factor, GroupedDenseFactor):
-        return f"dense {factor.groups}×{factor.dim}"
     if isinstance(factor, DenseFactor):
-        return f"dense {factor.dim}"
+        return f"dense {factor.groups}×{factor.dim}" if factor.groups > 1 else f"dense {factor.dim}"
     if isinstance(factor, DiagonalFactor):
         return f"diagonal {factor.dim}"
     return f"rank {factor.rank}/{factor.dim}"

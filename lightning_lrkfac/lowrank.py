@@ -206,63 +206,29 @@ class KroneckerFactor(ABC):
 
 
 class DenseFactor(KroneckerFactor):
-    """Exact mode: the d×d running average itself, eigendecomposed at each refresh."""
+    """Exact mode: the d×d running average itself, eigendecomposed at each refresh.
 
-    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype) -> None:
+    ``groups`` > 1 keeps that many independent blocks at once (a grouped convolution): rows
+    come as (groups, n, d), every tensor carries the group as its leading dim (traces and
+    damping too, so each block has its own π), and refresh and apply are batched.
+    """
+
+    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype, groups: int = 1) -> None:
         super().__init__(dim, device, dtype)
-        self.matrix = torch.zeros(dim, dim, device=device, dtype=dtype)
+        self.groups = groups
+        lead = (groups,) if groups > 1 else ()
+        self.trace = torch.zeros(lead, device=device, dtype=dtype)
+        self.pending_trace = torch.zeros_like(self.trace)
+        self.inverse_damping = torch.zeros_like(self.trace)
+        self.matrix = torch.zeros(*lead, dim, dim, device=device, dtype=dtype)
         self.pending_matrix = torch.zeros_like(self.matrix)
-        self.eigenvectors = torch.eye(dim, device=device, dtype=dtype)
-        self.eigenvalues = torch.zeros(dim, device=device, dtype=dtype)
+        self.eigenvectors = torch.eye(dim, device=device, dtype=dtype).expand(*lead, dim, dim).contiguous()
+        self.eigenvalues = torch.zeros(*lead, dim, device=device, dtype=dtype)
 
     def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
         add_product(self.pending_matrix, rows.mT, rows, weight)
         # tr(rowsᵀrows) = Σ rows²: read off the diagonal instead of another pass over the rows.
-        self.pending_trace.copy_(self.pending_matrix.diagonal().sum())
-
-    def _pending(self) -> list[Tensor]:
-        return [self.pending_matrix]
-
-    def _state(self) -> list[Tensor]:
-        return [self.matrix]
-
-    def refresh(self) -> None:
-        values, vectors = symmetric_eigh_desc(self.matrix)
-        self.eigenvalues, self.eigenvectors = values.clamp_min(0.0), vectors
-        self.refreshed = True
-
-    def captured_trace(self) -> Tensor:
-        return torch.ones((), device=self.device, dtype=self.dtype)
-
-    def basis_tensors(self) -> list[Tensor]:
-        return [self.eigenvectors, self.eigenvalues]
-
-    def work(self) -> tuple[float, int]:
-        return float(self.dim) ** 3, self.dim
-
-
-class GroupedDenseFactor(KroneckerFactor):
-    """Exact factors of ``groups`` independent blocks at once (a grouped convolution): (groups, d, d).
-
-    Rows come as (groups, n, d); every quantity carries the group as its leading dim (traces
-    and damping too, so each block gets its own π), and refresh and apply are batched: no
-    Python loop over groups.
-    """
-
-    def __init__(self, groups: int, dim: int, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(dim, device, dtype)
-        self.groups = groups
-        self.trace = torch.zeros(groups, device=device, dtype=dtype)
-        self.pending_trace = torch.zeros_like(self.trace)
-        self.inverse_damping = torch.zeros_like(self.trace)
-        self.matrix = torch.zeros(groups, dim, dim, device=device, dtype=dtype)
-        self.pending_matrix = torch.zeros_like(self.matrix)
-        self.eigenvectors = torch.eye(dim, device=device, dtype=dtype).repeat(groups, 1, 1)
-        self.eigenvalues = torch.zeros(groups, dim, device=device, dtype=dtype)
-
-    def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
-        add_product(self.pending_matrix, rows.mT, rows, weight)
-        self.pending_trace.copy_(self.pending_matrix.diagonal(dim1=-2, dim2=-1).sum(-1))  # as DenseFactor
+        self.pending_trace.copy_(self.pending_matrix.diagonal(dim1=-2, dim2=-1).sum(-1))
 
     def _pending(self) -> list[Tensor]:
         return [self.pending_matrix]
@@ -276,12 +242,14 @@ class GroupedDenseFactor(KroneckerFactor):
         self.refreshed = True
 
     def inverse_right(self, matrix: Tensor) -> Tensor:
-        """X_g ↦ X_g (F_g + δ_g I)⁻¹ for every group g; X is (groups, rows, d)."""
+        if self.groups == 1:
+            return super().inverse_right(matrix)
+        # X_g ↦ X_g (F_g + δ_g I)⁻¹ for every group g; X is (groups, rows, d).
         scale = 1.0 / (self.eigenvalues + self.inverse_damping[:, None])
         return ((matrix @ self.eigenvectors) * scale[:, None, :]) @ self.eigenvectors.mT
 
     def inverse_left(self, matrix: Tensor) -> Tensor:
-        return self.inverse_right(matrix.mT).mT
+        return super().inverse_left(matrix) if self.groups == 1 else self.inverse_right(matrix.mT).mT
 
     def captured_trace(self) -> Tensor:
         return torch.ones((), device=self.device, dtype=self.dtype)

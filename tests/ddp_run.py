@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.helpers`, run as a script
 
 from lightning_lrkfac import LowRankKFAC  # noqa: E402
-from tests.helpers import DigitsModule, digits_tensors  # noqa: E402
+from tests.helpers import DigitsModule, digits_tensors, same  # noqa: E402
 
 LR = 0.1
 
@@ -91,17 +91,6 @@ def run_lightning(args: argparse.Namespace) -> None:
     model = new_model()
     trainer.fit(model, Shards())
     save(args.out, trainer.global_rank, model, None if args.plain else callback.engine)
-
-
-def same(a, b) -> bool:
-    """Nested dicts / lists of tensors and numbers, equal entry by entry."""
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    return a == b
 
 
 def engine_worker(rank: int, args: argparse.Namespace) -> None:

@@ -36,6 +36,17 @@ def kfac_grads(model, x, y, loss_fn=F.cross_entropy, refreshes: int = 1, **optio
     return [p.grad.detach().clone() for p in model.parameters()], kfac
 
 
+def same(a, b) -> bool:
+    """Nested dicts / lists / tuples of tensors and plain values, equal entry by entry (tensors bitwise)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
+
+
 def damped_natural(A: torch.Tensor, B: torch.Tensor, G: torch.Tensor, damping: float) -> torch.Tensor:
     """(B + δ_B I)⁻¹ G (A + δ_A I)⁻¹ with π-damping (δ_A = π√λ, δ_B = √λ/π), by dense solves."""
     pi = ((A.trace() / A.shape[0]) / (B.trace() / B.shape[0])).sqrt()

@@ -19,7 +19,7 @@ from lightning_lrkfac import LowRankKFAC, LowRankKFACCallback
 from lightning_lrkfac.callback import check_strategy
 
 from .conftest import mlp
-from .helpers import DigitsModule, digits_loader, quiet_trainer
+from .helpers import DigitsModule, digits_loader, quiet_trainer, same
 
 OPTIMIZERS = {
     "sgd-momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
@@ -44,16 +44,6 @@ class Snapshots(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.end.append(self._state(trainer, pl_module))
-
-
-def same(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    return a == b
 
 
 class NaNInputAtStep(DigitsModule):

@@ -35,6 +35,8 @@ class KFACLayer(ABC):
     module_type: type[nn.Module] = nn.Module
     #: Whether positions are reduced before they become rows (K-FAC-reduce); expand otherwise.
     reduce: bool = False
+    #: Leading block dims of the gradient matrix: () for one block, (groups,) for a grouped conv.
+    blocks: tuple[int, ...] = ()
 
     def __init__(self, name: str, module: nn.Module, in_dim: int, out_dim: int, has_bias: bool, augment: bool) -> None:
         if not isinstance(module, self.module_type):
@@ -82,8 +84,13 @@ class KFACLayer(ABC):
         """Create A and B on the weight's device: dense when rank ≥ d or d ≤ dense_threshold.
 
         Otherwise A ≈ rank_k(A) (plus an isotropic tail if asked) and B ≈ rank_k(B − diag B) + diag B.
+        A layer of several blocks (a grouped convolution) keeps every block exact, batched.
         """
         device = self.weight.device
+        if self.blocks:
+            self.a_factor = DenseFactor(self.in_dim, device, dtype, groups=self.blocks[0])
+            self.b_factor = DenseFactor(self.out_dim, device, dtype, groups=self.blocks[0])
+            return
 
         def dense(dim: int) -> bool:
             return rank >= dim or dim <= dense_threshold
@@ -186,9 +193,6 @@ class KFACLayer(ABC):
         """Examples a mean-reduced loss averages over, for an output gradient of this shape."""
 
     # -- gradients ----------------------------------------------------------------------
-    #: Leading block dims of the gradient matrix: () for one block, (groups,) for a grouped conv.
-    blocks: tuple[int, ...] = ()
-
     def grad_matrix(self) -> Tensor | None:
         """∂L/∂W as (blocks…, out, in') (bias column appended when augmented; a view when it can be); None if no grad."""
         weight_grad = self.weight.grad

@@ -7,12 +7,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..compat import pad_like_conv
-from ..lowrank import GroupedDenseFactor
 from .base import KFACLayer
 
 if TYPE_CHECKING:
@@ -68,23 +66,6 @@ class ConvLayer(KFACLayer):
     def describe(self) -> str:
         groups = f", {self.groups} groups" if self.groups > 1 else ""
         return self.module_type.__name__ + groups
-
-    def build_factors(
-        self,
-        rank: int,
-        oversampling: int,
-        dense_threshold: int,
-        isotropic_tail: bool,
-        generator: torch.Generator,
-        dtype: torch.dtype,
-    ) -> None:
-        """One block per group, kept exact and batched; a plain conv is one block as usual."""
-        if self.groups == 1:
-            super().build_factors(rank, oversampling, dense_threshold, isotropic_tail, generator, dtype)
-            return
-        device = self.weight.device
-        self.a_factor = GroupedDenseFactor(self.groups, self.in_dim, device, dtype)
-        self.b_factor = GroupedDenseFactor(self.groups, self.out_dim, device, dtype)
 
     def _grouped(self, rows: Tensor) -> Tensor:
         """(n, groups·d) rows → (groups, n, d): each group's channels are contiguous columns."""
