@@ -46,6 +46,7 @@ class LowRankKFACCallback(Callback):
         bias_mode: str = "augment",
         weight_sharing: str = "expand",
         precondition_embeddings: bool = False,
+        precondition_attention: bool = False,
         dense_threshold: int = 0,
         include: list[str] | None = None,
         exclude: list[str] | None = None,

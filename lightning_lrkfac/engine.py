@@ -76,11 +76,13 @@ class LowRankKFAC:
         self.skipped_steps = 0
         self.comm = Communicator()
         self.owners: list[int] = []
-        self.coverage: list[dict[str, Any]] = []
+        self._coverage: list[dict[str, Any]] = []
         self._built = False
         self._pending_state: dict[str, Any] | None = None
         self._prepared_damping: float | None = None
         self._last_step = {"preconditioned": False, "seconds": 0.0, "damping": float(self.damping(0))}
+        for layer in self.layers:
+            layer.attach()
         self.capture = ActivationCapture({layer.name: layer.module for layer in self.layers}, self._prediction_module())
         self.capture.attach()
         self.capture.enabled = self.factor_update_due(0)
@@ -120,7 +122,7 @@ class LowRankKFAC:
             self.owners = balanced_owners([layer.work_cost() for layer in self.layers], self.comm.world_size)
         else:
             self.owners = [self.comm.rank] * len(self.layers)
-        self.coverage = coverage_rows(self.model, self.layers, self.skipped_modules)
+        self._coverage = coverage_rows(self.model, self.layers, self.skipped_modules)
         device = self.layers[0].weight.device
         self.skipped_updates = torch.zeros((), dtype=torch.int64, device=device)
         if options.fisher_type == "mc":
@@ -137,8 +139,10 @@ class LowRankKFAC:
         return torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
 
     def close(self) -> None:
-        """Remove the capture hooks and drop anything captured; the curvature state stays."""
+        """Remove the capture hooks (and any swapped-in forward) and drop anything captured; the curvature state stays."""
         self.capture.detach()
+        for layer in self.layers:
+            layer.detach()
 
     def __enter__(self) -> LowRankKFAC:
         return self
@@ -146,9 +150,14 @@ class LowRankKFAC:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def coverage(self) -> list[dict[str, Any]]:
+        """One row per trainable parameter: name, size, whether preconditioned, how (factors built first)."""
+        self.build()
+        return self._coverage
+
     def coverage_report(self) -> str:
         """Every trainable parameter, how it is treated, and the share preconditioned."""
-        self.build()
         return format_coverage(self.coverage)
 
     # -- statistics ----------------------------------------------------------------------

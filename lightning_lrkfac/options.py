@@ -121,6 +121,12 @@ class KFACOptions:
     precondition_embeddings: bool = option(
         False, "also precondition `nn.Embedding`: exact diagonal A (token frequencies), B over the width", BOOL
     )
+    precondition_attention: bool = option(
+        False,
+        "also precondition `nn.MultiheadAttention`: in_proj as three blocks q/k/v and out_proj as a Linear, through "
+        "a forward of hookable pieces swapped in while attached (state_dict keys unchanged)",
+        BOOL,
+    )
     dense_threshold: int = option(0, "also keep factors of size ≤ this dense", NON_NEGATIVE_INT, checkpoint=True)
     include: list[str] | None = option(None, "glob patterns of module names to handle (null: all)", PATTERNS)
     exclude: list[str] | None = option(None, "glob patterns of module names to leave plain", PATTERNS)

@@ -18,12 +18,23 @@ CLASSES = 3
 
 
 class FuzzNet(nn.Module):
-    """Linear layers, optionally a Conv2d branch, an Embedding (tied to the head), a frozen layer,
-    a layer called twice and one never called."""
+    """Linear layers, optionally a Conv2d branch, an Embedding (tied to the head), self-attention over
+    a length-3 sequence, a frozen layer, a layer called twice and one never called."""
 
-    def __init__(self, width: int, conv: bool, embedding: bool, tied: bool, frozen: bool, twice: bool, never: bool):
+    def __init__(
+        self,
+        width: int,
+        conv: bool,
+        embedding: bool,
+        tied: bool,
+        attention: bool,
+        frozen: bool,
+        twice: bool,
+        never: bool,
+    ):
         super().__init__()
         self.twice = twice
+        self.attention = nn.MultiheadAttention(width, 1, batch_first=True) if attention else None
         self.inp = nn.Linear(5, width)
         self.hidden = nn.Linear(width, width)
         self.out = nn.Linear(width, CLASSES)
@@ -44,6 +55,9 @@ class FuzzNet(nn.Module):
             h = h + self.conv(image)
         if self.embedding is not None:
             h = h + self.embedding(tokens)
+        if self.attention is not None:
+            sequence = torch.stack([h, torch.tanh(h), -h], dim=1)
+            h = h + self.attention(sequence, sequence, sequence, need_weights=False)[0].mean(1)
         h = torch.tanh(self.hidden(h))
         if self.twice:
             h = torch.tanh(self.hidden(h))
@@ -64,6 +78,7 @@ valid_options = st.fixed_dictionaries(
         "bias_mode": st.sampled_from(["augment", "separate"]),
         "weight_sharing": st.sampled_from(["expand", "reduce"]),
         "precondition_embeddings": st.booleans(),
+        "precondition_attention": st.booleans(),
         "dense_threshold": st.integers(0, 8),
         "fisher_type": st.sampled_from(["empirical", "mc"]),
         "factor_dtype": st.sampled_from([None, "float32", "float64"]),
@@ -76,6 +91,7 @@ models = st.builds(
     conv=st.booleans(),
     embedding=st.booleans(),
     tied=st.booleans(),
+    attention=st.booleans(),
     frozen=st.booleans(),
     twice=st.booleans(),
     never=st.booleans(),
@@ -118,6 +134,7 @@ INVALID = {
     "bias_mode": ["both", None],
     "weight_sharing": ["mean", ""],
     "precondition_embeddings": ["true", 0],
+    "precondition_attention": [1, "yes"],
     "dense_threshold": [-1, 2.0],
     "include": ["head", [1, 2]],
     "exclude": ["head", [None]],

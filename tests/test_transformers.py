@@ -82,7 +82,10 @@ def test_exact_mode_on_an_encoder_layer_matches_flattened_and_reduced_references
     for name in ("layer.self_attn.in_proj_weight", "layer.self_attn.out_proj.weight", "layer.norm1.weight"):
         torch.testing.assert_close(got[name], plain[name], rtol=0, atol=0)
     reason = "weight used functionally by nn.MultiheadAttention"
-    assert kfac.skipped_modules == {"layer.self_attn.out_proj": reason}
+    assert kfac.skipped_modules == {
+        "layer.self_attn": "nn.MultiheadAttention (precondition_attention=False)",
+        "layer.self_attn.out_proj": reason,
+    }
 
 
 def test_expand_and_reduce_differ():

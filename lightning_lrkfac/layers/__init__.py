@@ -11,6 +11,7 @@ import fnmatch
 from torch import nn
 
 from ..options import KFACOptions
+from .attention import AttentionProjectionLayer, unsupported_attention
 from .base import KFACLayer
 from .conv import Conv1dLayer, Conv2dLayer, Conv3dLayer, ConvLayer
 from .embedding import EmbeddingLayer
@@ -20,6 +21,7 @@ LAYER_TYPES: tuple[type[KFACLayer], ...] = (LinearLayer, Conv1dLayer, Conv2dLaye
 
 __all__ = [
     "LAYER_TYPES",
+    "AttentionProjectionLayer",
     "Conv1dLayer",
     "Conv2dLayer",
     "Conv3dLayer",
@@ -47,7 +49,6 @@ PLAIN_MODULE_TYPES: tuple[tuple[type[nn.Module], str], ...] = (
         "recurrent layer (nn.LSTM / nn.GRU / nn.RNN): its weights are shared over time steps inside a fused kernel; not handled",
     ),
     (nn.modules.conv._ConvTransposeNd, "transposed convolution: not handled"),
-    (nn.MultiheadAttention, "nn.MultiheadAttention's in_proj weight is used functionally; not handled"),
     (nn.modules.batchnorm._NormBase, "normalization layer"),
     (nn.LayerNorm, "normalization layer"),
     (nn.GroupNorm, "normalization layer"),
@@ -67,22 +68,46 @@ def select_layers(model: nn.Module, options: KFACOptions) -> tuple[list[KFACLaye
     """The layers to precondition, and for every other module of a handled type the reason it stays plain."""
     layers: list[KFACLayer] = []
     skipped: dict[str, str] = {}
-    # nn.MultiheadAttention passes out_proj's weight to a functional call: its forward never runs.
-    functional = {
-        f"{name}.out_proj" if name else "out_proj"
-        for name, module in model.named_modules()
-        if isinstance(module, nn.MultiheadAttention)
-    }
     # A parameter held by several modules (tied weights) gets the gradient of all its uses.
     holders = parameter_holders(model)
+
+    def selected(name: str) -> bool:
+        return options.include is None or any(fnmatch.fnmatchcase(name, p) for p in options.include)
+
+    def excluded(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in options.exclude or ())
+
+    def tied(name: str, module: nn.Module) -> list[str]:
+        return sorted({other for p in module.parameters(recurse=False) for other in holders[id(p)]} - {name})
+
+    # nn.MultiheadAttention passes in_proj and out_proj's weight to a functional call: their hooks
+    # never fire, unless precondition_attention swaps in a forward made of hookable pieces.
+    functional = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.MultiheadAttention):
+            continue
+        out_proj = f"{name}.out_proj" if name else "out_proj"
+        reason = None if options.precondition_attention else "nn.MultiheadAttention (precondition_attention=False)"
+        reason = (
+            reason
+            or unsupported_attention(module)
+            or (f"parameter shared with {tied(name, module)} (tied weights)" if tied(name, module) else None)
+        )
+        if not selected(name):
+            functional.add(out_proj)
+        elif excluded(name):
+            skipped[name] = "excluded"
+            functional.add(out_proj)
+        elif reason is not None:
+            skipped[name] = reason
+            functional.add(out_proj)
+        else:
+            layers.extend(AttentionProjectionLayer.for_attention(name, module, options))
     for name, module in model.named_modules():
         cls = layer_type(module)
-        if cls is None:
+        if cls is None or not selected(name):
             continue
-        if options.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in options.include):
-            continue
-        tied = sorted({other for p in module.parameters(recurse=False) for other in holders[id(p)]} - {name})
-        if any(fnmatch.fnmatchcase(name, p) for p in options.exclude or ()):
+        if excluded(name):
             skipped[name] = "excluded"
         elif (reason := cls.unsupported(module, options)) is not None:
             skipped[name] = reason
@@ -90,8 +115,8 @@ def select_layers(model: nn.Module, options: KFACOptions) -> tuple[list[KFACLaye
             skipped[name] = "weight used functionally by nn.MultiheadAttention"
         elif not module.weight.requires_grad:
             skipped[name] = "frozen weight"
-        elif tied:
-            skipped[name] = f"parameter shared with {tied} (tied weights)"
+        elif tied(name, module):
+            skipped[name] = f"parameter shared with {tied(name, module)} (tied weights)"
         else:
             layers.append(cls.from_options(name, module, options))
     return layers, skipped

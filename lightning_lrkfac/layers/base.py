@@ -63,6 +63,12 @@ class KFACLayer(ABC):
         has_bias = getattr(module, "bias", None) is not None and module.bias.requires_grad
         return has_bias, has_bias and bias_mode == "augment"
 
+    def attach(self) -> None:  # noqa: B027 (an optional hook: most layers need nothing)
+        """Prepare the module for capture (most layers need nothing: plain forward hooks do)."""
+
+    def detach(self) -> None:  # noqa: B027
+        """Undo :meth:`attach`."""
+
     def describe(self) -> str:
         """The module type and weight-sharing treatment, for the coverage table."""
         return f"{self.module_type.__name__} ({'reduce' if self.reduce else 'expand'})"
@@ -193,33 +199,40 @@ class KFACLayer(ABC):
         """Examples a mean-reduced loss averages over, for an output gradient of this shape."""
 
     # -- gradients ----------------------------------------------------------------------
+    def weight_grad(self) -> Tensor | None:
+        """This layer's part of the weight gradient (the whole ``.grad`` unless the weight is shared out in parts)."""
+        return self.weight.grad
+
+    def bias_grad(self) -> Tensor | None:
+        return self.module.bias.grad
+
     def grad_matrix(self) -> Tensor | None:
         """∂L/∂W as (blocks…, out, in') (bias column appended when augmented; a view when it can be); None if no grad."""
-        weight_grad = self.weight.grad
+        weight_grad = self.weight_grad()
         if weight_grad is None:
             return None
         matrix = weight_grad.reshape(*self.blocks, self.out_dim, -1)
         if self.augment:
-            bias_grad = self.module.bias.grad
+            bias_grad = self.bias_grad()
             if bias_grad is None:
-                bias_grad = torch.zeros(self.weight.shape[0], device=matrix.device, dtype=matrix.dtype)
+                bias_grad = torch.zeros(weight_grad.shape[0], device=matrix.device, dtype=matrix.dtype)
             matrix = torch.cat([matrix, bias_grad.reshape(*self.blocks, self.out_dim, 1)], dim=-1)
         return matrix
 
     def separate_bias_grad(self) -> Tensor | None:
         """The bias gradient as (blocks…, out, 1) when it has its own block, else None."""
-        if not self.has_bias or self.augment or self.module.bias.grad is None:
+        if not self.has_bias or self.augment or self.bias_grad() is None:
             return None
-        return self.module.bias.grad.reshape(*self.blocks, self.out_dim, 1)
+        return self.bias_grad().reshape(*self.blocks, self.out_dim, 1)
 
     def write_grads(self, matrix: Tensor, bias_column: Tensor | None) -> None:
         """Copy a preconditioned gradient matrix (and separate bias column) back into .grad."""
-        weight_part = matrix[..., : self.in_dim - int(self.augment)]
-        self.weight.grad.copy_(weight_part.reshape_as(self.weight.grad))
-        if self.augment and self.module.bias.grad is not None:
-            self.module.bias.grad.copy_(matrix[..., -1].reshape(-1))
+        weight_grad = self.weight_grad()
+        weight_grad.copy_(matrix[..., : self.in_dim - int(self.augment)].reshape_as(weight_grad))
+        if self.augment and self.bias_grad() is not None:
+            self.bias_grad().copy_(matrix[..., -1].reshape(-1))
         elif bias_column is not None:
-            self.module.bias.grad.copy_(bias_column.reshape(-1))
+            self.bias_grad().copy_(bias_column.reshape(-1))
 
     def split_inner_product(self, naturals: list[Tensor], grads: list[Tensor]) -> tuple[Tensor, Tensor | None]:
         """(⟨P, G⟩ over the weight, ⟨P, G⟩ over the bias or None): the KL clip weighs each by its own lr."""
