@@ -24,7 +24,7 @@ from .schedules import Schedule
 class LowRankKFACCallback(Callback):
     """Turns the optimizer step of an automatic-optimization run into a low-rank K-FAC natural-gradient step.
 
-    Every handled ``nn.Linear`` / ``nn.Conv2d`` (and, optionally, ``nn.Embedding``) gets
+    Every handled ``nn.Linear`` / ``nn.Conv1d/2d/3d`` / ``nn.Embedding`` (and, opt-in, ``nn.MultiheadAttention``) gets
     Kronecker factors A (inputs) and B (output gradients), each kept as a rank-``rank``
     approximation (B: plus its exact diagonal), or dense when ``rank`` ≥ its size. Before
     each optimizer step the gradient G of the layer is replaced by (B + δ_B I)⁻¹ G (A + δ_A I)⁻¹
@@ -45,7 +45,7 @@ class LowRankKFACCallback(Callback):
         isotropic_tail: bool = False,
         bias_mode: str = "augment",
         weight_sharing: str = "expand",
-        precondition_embeddings: bool = False,
+        precondition_embeddings: bool = True,
         precondition_attention: bool = False,
         dense_threshold: int = 0,
         include: list[str] | None = None,

@@ -35,7 +35,8 @@ STATE_KEYS = (
 
 
 class LowRankKFAC:
-    """Low-rank K-FAC for the ``nn.Linear``/``nn.Conv2d`` (and, opt-in, ``nn.Embedding``) layers of ``model``.
+    """Low-rank K-FAC for the ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.Embedding`` layers of ``model``
+    (and, opt-in, ``nn.MultiheadAttention``).
 
     ::
 
@@ -62,7 +63,7 @@ class LowRankKFAC:
         self.layers, self.skipped_modules = select_layers(model, self.options)
         if not self.layers:
             raise ValueError(
-                f"LowRankKFAC found nothing to precondition in {type(model).__name__}: it handles nn.Linear, nn.Conv2d (groups=1) and, with precondition_embeddings, nn.Embedding "
+                f"LowRankKFAC found nothing to precondition in {type(model).__name__}: it handles nn.Linear, nn.Conv1d/2d/3d, nn.Embedding (precondition_embeddings) and nn.MultiheadAttention (precondition_attention) "
                 f"with trainable weights; `include`={self.options.include!r}, `exclude`={self.options.exclude!r}, skipped: {self.skipped_modules}"
             )
         self.damping = as_schedule(self.options.damping)

@@ -119,7 +119,7 @@ class KFACOptions:
         checkpoint=True,
     )
     precondition_embeddings: bool = option(
-        False, "also precondition `nn.Embedding`: exact diagonal A (token frequencies), B over the width", BOOL
+        True, "also precondition `nn.Embedding`: exact diagonal A (token frequencies), B over the width", BOOL
     )
     precondition_attention: bool = option(
         False,

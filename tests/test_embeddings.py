@@ -88,12 +88,15 @@ def test_embedding_on_sequences_matches_one_hot_linear_expand_reference(padding_
         assert float(a_factor.diag[padding_idx]) == 0.0 and float(got[0][padding_idx].abs().max()) == 0.0
 
 
-def test_embeddings_keep_the_plain_gradient_unless_asked():
+def test_embeddings_are_preconditioned_by_default_and_plain_when_switched_off():
     model, x, y = SequenceTagger(), torch.randint(0, 9, (4, 7)), torch.randint(0, 3, (4, 7))
     plain = plain_grads(model, x, y, token_loss)
-    got, kfac = kfac_grads(model, x, y, token_loss, rank=64, kl_clip=None)
+    got, kfac = kfac_grads(model, x, y, token_loss, rank=64, kl_clip=None, precondition_embeddings=False)
     torch.testing.assert_close(got[0], plain[0], rtol=0, atol=0)
     assert kfac.skipped_modules == {"embedding": "nn.Embedding (precondition_embeddings=False)"}
+    got, kfac = kfac_grads(model, x, y, token_loss, rank=64, kl_clip=None)
+    assert [layer.name for layer in kfac.layers] == ["embedding", "head"]
+    assert not torch.allclose(got[0], plain[0], rtol=1e-3)
 
 
 @pytest.mark.parametrize(

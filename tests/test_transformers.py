@@ -162,4 +162,6 @@ def test_small_transformer_language_model_trains_with_the_callback():
     assert rows["out.bias"]["how"] == rows["out.weight"]["how"] + ", bias augmented"
     assert not rows["block.self_attn.out_proj.weight"]["preconditioned"]
     assert "used functionally" in rows["block.self_attn.out_proj.weight"]["how"]
-    assert not rows["tokens.weight"]["preconditioned"] and not rows["block.norm1.weight"]["preconditioned"]
+    assert (
+        rows["tokens.weight"]["preconditioned"] and not rows["block.norm1.weight"]["preconditioned"]
+    )  # embeddings: default
