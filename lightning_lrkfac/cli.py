@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
+import time
+
 from pytorch_lightning.cli import LightningCLI
+
+from .callback import LowRankKFACCallback
 
 
 class LRKFACCLI(LightningCLI):
-    """LightningCLI that, after ``fit``, evaluates the trained model on the test split and prints its accuracy."""
+    """LightningCLI that, after ``fit``, tests the trained model and prints a short summary of the run.
+
+    The summary: test accuracy, wall time of ``fit``, the share of it the curvature work took
+    (host time of the callback's record and step calls), and where the logs are.
+    """
+
+    def before_fit(self) -> None:
+        self._fit_started = time.perf_counter()
 
     def after_fit(self) -> None:
+        seconds = time.perf_counter() - self._fit_started
         if self.trainer.fast_dev_run or self.datamodule is None or not hasattr(self.datamodule, "test_dataloader"):
             return
         results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        lines = []
         if results and "test_acc" in results[0]:
-            print(f"test accuracy: {results[0]['test_acc']:.4f}")
+            lines.append(f"test accuracy: {results[0]['test_acc']:.4f}")
+        lines.append(f"fit wall time: {seconds:.1f} s")
+        kfac = next((c for c in self.trainer.callbacks if isinstance(c, LowRankKFACCallback)), None)
+        if kfac is not None and kfac.engine is not None:
+            share = kfac.engine.curvature_seconds / seconds
+            lines.append(f"curvature work: {kfac.engine.curvature_seconds:.1f} s ({share:.0%} of the fit)")
+        if self.trainer.loggers:
+            directories = ", ".join(str(logger.log_dir) for logger in self.trainer.loggers if logger.log_dir)
+            lines.append(f"logs: {directories} (plot both runs: python examples/plot_loss_curves.py --config ...)")
+        print("\n".join(lines))
 
 
 def main(args: list[str] | None = None) -> None:

@@ -75,6 +75,8 @@ class LowRankKFAC:
         self.skipped_updates: Tensor | None = None
         #: Steps whose gradients were not finite (skip_non_finite_steps): nothing changed on them.
         self.skipped_steps = 0
+        #: Host seconds spent in record() and step() so far (on CUDA: launch time, kernels run async).
+        self.curvature_seconds = 0.0
         self.comm = Communicator()
         self.owners: list[int] = []
         self._coverage: list[dict[str, Any]] = []
@@ -193,6 +195,7 @@ class LowRankKFAC:
             )
         if not self.capture.enabled:
             return
+        started = time.perf_counter()
         self.build()
         options = self.options
 
@@ -206,6 +209,7 @@ class LowRankKFAC:
             inputs, grads = self.capture.pop(layer.module)
             if inputs and grads:
                 layer.accumulate(inputs, grads, per_example_grad)
+        self.curvature_seconds += time.perf_counter() - started
 
     # -- the step ------------------------------------------------------------------------
     def step(
@@ -252,11 +256,9 @@ class LowRankKFAC:
         self.steps += 1
         self.capture.clear()  # nothing captured outlives its step
         self.capture.enabled = self.factor_update_due(self.steps)
-        self._last_step = {
-            "preconditioned": preconditioned,
-            "seconds": time.perf_counter() - started,
-            "damping": damping,
-        }
+        seconds = time.perf_counter() - started
+        self.curvature_seconds += seconds
+        self._last_step = {"preconditioned": preconditioned, "seconds": seconds, "damping": damping}
 
     def _gradients_finite(self) -> bool:
         """Whether every gradient of the model is finite: one fused norm per dtype, one host sync."""
