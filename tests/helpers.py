@@ -36,6 +36,29 @@ def kfac_grads(model, x, y, loss_fn=F.cross_entropy, refreshes: int = 1, **optio
     return [p.grad.detach().clone() for p in model.parameters()], kfac
 
 
+def linear_io_grads(linears: dict[str, nn.Module], loss_of_forward) -> tuple[dict, dict, list]:
+    """(inputs, output gradients, parameter gradients [w, b per layer]) of ``linears`` for one loss.
+
+    ``loss_of_forward()`` runs the model's forward and returns the loss; hooks record each
+    layer's input and output, and autograd gives the output gradients: no code under test involved.
+    """
+    inputs, outputs = {}, {}
+
+    def record(name):
+        def hook(module, args, output):
+            inputs[name], outputs[name] = args[0], output
+
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in linears.items()]
+    loss = loss_of_forward()
+    for hook in hooks:
+        hook.remove()
+    grads = dict(zip(linears, torch.autograd.grad(loss, [outputs[n] for n in linears], retain_graph=True)))
+    params = list(torch.autograd.grad(loss, [p for m in linears.values() for p in (m.weight, m.bias)]))
+    return inputs, grads, params
+
+
 def same(a, b) -> bool:
     """Nested dicts / lists / tuples of tensors and plain values, equal entry by entry (tensors bitwise)."""
     if isinstance(a, dict):

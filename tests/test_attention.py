@@ -11,7 +11,7 @@ from pytorch_lightning.demos import Transformer
 
 from lightning_lrkfac import LowRankKFAC
 
-from .helpers import damped_natural
+from .helpers import damped_natural, linear_io_grads
 
 E, HEADS, CLASSES = 6, 2, 3
 
@@ -62,20 +62,7 @@ def dense_reference(twin: TwinModel, x, memory, y, damping: float) -> dict[str, 
     gradients of the token-mean loss are multiplied by its own number of positions.
     """
     linears = {"q": twin.q, "k": twin.k, "v": twin.v, "out": twin.out, "head": twin.head}
-    inputs, outputs = {}, {}
-
-    def record(name):
-        def hook(module, args, output):
-            inputs[name], outputs[name] = args[0], output
-
-        return hook
-
-    hooks = [m.register_forward_hook(record(n)) for n, m in linears.items()]
-    loss = token_loss(twin(x, memory), y)
-    for hook in hooks:
-        hook.remove()
-    grads = dict(zip(linears, torch.autograd.grad(loss, [outputs[n] for n in linears], retain_graph=True)))
-    params = torch.autograd.grad(loss, [p for m in linears.values() for p in (m.weight, m.bias)])
+    inputs, grads, params = linear_io_grads(linears, lambda: token_loss(twin(x, memory), y))
     expected = {}
     for i, name in enumerate(linears):
         a = inputs[name].reshape(-1, E)

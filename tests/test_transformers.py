@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning_lrkfac import LowRankKFACCallback
 from lightning_lrkfac.examples.data import ArithmeticSequencesDataModule
 
-from .helpers import damped_natural, kfac_grads, plain_grads, quiet_trainer
+from .helpers import damped_natural, kfac_grads, linear_io_grads, plain_grads, quiet_trainer
 
 
 class TinyEncoder(nn.Module):
@@ -34,20 +34,7 @@ def token_loss(logits, y):
 def dense_reference(model: TinyEncoder, x, y, damping: float, sharing: str) -> dict[str, torch.Tensor]:
     """Dense K-FAC for the encoder's Linear layers, built by flattening (expand) or reducing positions."""
     linears = {"layer.linear1": model.layer.linear1, "layer.linear2": model.layer.linear2, "head": model.head}
-    inputs, outputs = {}, {}
-
-    def record(name):
-        def hook(module, args, output):
-            inputs[name], outputs[name] = args[0], output
-
-        return hook
-
-    hooks = [m.register_forward_hook(record(n)) for n, m in linears.items()]
-    loss = token_loss(model(x), y)
-    for h in hooks:
-        h.remove()
-    grads = dict(zip(linears, torch.autograd.grad(loss, [outputs[n] for n in linears], retain_graph=True)))
-    param_grads = torch.autograd.grad(loss, [p for m in linears.values() for p in (m.weight, m.bias)])
+    inputs, grads, param_grads = linear_io_grads(linears, lambda: token_loss(model(x), y))
     n, r = x.shape[:2]
     expected = {}
     for i, name in enumerate(linears):
