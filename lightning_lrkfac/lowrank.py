@@ -70,9 +70,21 @@ class KroneckerFactor(ABC):
         self.inverse_damping = torch.zeros((), device=device, dtype=dtype)
 
     # -- statistics -----------------------------------------------------------------
-    def accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
-        """Add weight · rowsᵀrows (one micro-batch's estimate of the factor) to the pending sum."""
-        self._accumulate(rows.to(self.dtype), weight)
+    #: Whether :meth:`_accumulate` takes ``ones_column`` itself (else the column is materialised).
+    implicit_ones_column = False
+
+    def accumulate(self, rows: Tensor, weight: float | Tensor, ones_column: bool = False) -> None:
+        """Add weight · rowsᵀrows (one micro-batch's estimate of the factor) to the pending sum.
+
+        ``ones_column``: the rows stand for [rows, 1] (an augmented bias), without a copy of them.
+        """
+        rows = rows.to(self.dtype)
+        if ones_column and not self.implicit_ones_column:
+            rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
+        if ones_column and self.implicit_ones_column:
+            self._accumulate(rows, weight, ones_column=True)
+        else:
+            self._accumulate(rows, weight)
         self.pending_count += 1
 
     def pending_tensors(self) -> list[Tensor]:
@@ -225,8 +237,18 @@ class DenseFactor(KroneckerFactor):
         self.eigenvectors = torch.eye(dim, device=device, dtype=dtype).expand(*lead, dim, dim).contiguous()
         self.eigenvalues = torch.zeros(*lead, dim, device=device, dtype=dtype)
 
-    def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
-        add_product(self.pending_matrix, rows.mT, rows, weight)
+    implicit_ones_column = True
+
+    def _accumulate(self, rows: Tensor, weight: float | Tensor, ones_column: bool = False) -> None:
+        if not ones_column:
+            add_product(self.pending_matrix, rows.mT, rows, weight)
+        else:  # [R 1]ᵀ[R 1] = [[RᵀR, Rᵀ1], [1ᵀR, n]], written block by block
+            body = self.dim - 1
+            add_product(self.pending_matrix[..., :body, :body], rows.mT, rows, weight)
+            column = rows.sum(-2)
+            add_scaled(self.pending_matrix[..., :body, body], column, weight)
+            add_scaled(self.pending_matrix[..., body, :body], column, weight)
+            add_scaled(self.pending_matrix[..., body, body], torch.full_like(column[..., 0], rows.shape[-2]), weight)
         # tr(rowsᵀrows) = Σ rows²: read off the diagonal instead of another pass over the rows.
         self.pending_trace.copy_(self.pending_matrix.diagonal(dim1=-2, dim2=-1).sum(-1))
 
@@ -319,6 +341,8 @@ class DiagonalFactor(KroneckerFactor):
 class SketchedFactor(KroneckerFactor):
     """Shared sketch machinery of the two low-rank factors: V, Y = F·V and their pending sum."""
 
+    implicit_ones_column = True
+
     def __init__(
         self,
         dim: int,
@@ -337,12 +361,19 @@ class SketchedFactor(KroneckerFactor):
         self.eigenvectors = self.test[:, :rank]
         self.eigenvalues = torch.zeros(rank, device=device, dtype=dtype)
 
-    def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
-        self._accumulate_sketch(rows, weight)
-        add_scaled(self.pending_trace, rows.square().sum(), weight)
+    def _accumulate(self, rows: Tensor, weight: float | Tensor, ones_column: bool = False) -> None:
+        self._accumulate_sketch(rows, weight, ones_column)
+        squares = rows.square().sum()
+        add_scaled(self.pending_trace, squares + rows.shape[-2] if ones_column else squares, weight)
 
-    def _accumulate_sketch(self, rows: Tensor, weight: float | Tensor) -> None:
-        add_product(self.pending_sketch, rows.mT, rows @ self.test, weight)
+    def _accumulate_sketch(self, rows: Tensor, weight: float | Tensor, ones_column: bool = False) -> None:
+        """pending F·V += weight · rowsᵀ(rows V); with ``ones_column``, [R 1]ᵀ([R 1] V) block by block."""
+        if not ones_column:
+            add_product(self.pending_sketch, rows.mT, rows @ self.test, weight)
+            return
+        projected = torch.addmm(self.test[-1], rows, self.test[:-1])  # [R 1] V = R V' + 1 vᵀ
+        add_product(self.pending_sketch[:-1], rows.mT, projected, weight)
+        add_scaled(self.pending_sketch[-1], projected.sum(0), weight)
 
     def _pending(self) -> list[Tensor]:
         return [self.pending_sketch]
@@ -399,6 +430,8 @@ class DiagPlusLowRankFactor(SketchedFactor):
     eigenpairs of B − diag B, the ones that keep the damped approximation SPD; the
     k×k guard in :class:`~.preconditioner.DiagPlusLowRankInverse` catches the rest.
     """
+
+    implicit_ones_column = False  # B: output gradients have no ones column
 
     def __init__(
         self,

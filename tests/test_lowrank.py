@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from lightning_lrkfac.lowrank import DenseFactor, DiagPlusLowRankFactor, LowRankFactor
@@ -137,3 +138,26 @@ def test_first_fold_takes_the_batch_and_invalid_folds_change_nothing():
     factor.accumulate(rows, 0.2)
     factor.fold(0.9, torch.tensor(False))
     torch.testing.assert_close(factor.matrix, before)
+
+
+@pytest.mark.parametrize("kind", ["dense", "grouped-dense", "low-rank"])
+@pytest.mark.parametrize("weight", [0.25, "tensor"])
+def test_implicit_ones_column_equals_the_materialised_column(kind, weight):
+    """accumulate(R, w, ones_column=True) leaves the same pending sums as accumulate([R 1], w)."""
+    torch.manual_seed(0)
+    weight = torch.tensor(0.25, dtype=torch.float64) if weight == "tensor" else weight
+    shape = (3, 20, 5) if kind == "grouped-dense" else (20, 5)
+    rows = torch.randn(*shape, dtype=torch.float64)
+    augmented = torch.cat([rows, torch.ones(*shape[:-1], 1, dtype=torch.float64)], -1)
+
+    def factor():
+        if kind == "low-rank":
+            return LowRankFactor(6, 2, 2, torch.Generator().manual_seed(0), torch.device("cpu"), torch.float64)
+        return DenseFactor(6, torch.device("cpu"), torch.float64, groups=3 if kind == "grouped-dense" else 1)
+
+    implicit, explicit = factor(), factor()
+    implicit.accumulate(rows, weight, ones_column=True)
+    explicit.accumulate(augmented, weight)
+    for got, expected in zip(implicit.pending_tensors(), explicit.pending_tensors()):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert any(float(t.abs().sum()) > 0 for t in implicit.pending_tensors())

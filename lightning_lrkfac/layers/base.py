@@ -176,8 +176,9 @@ class KFACLayer(ABC):
             self.b_factor.accumulate(b_rows, multiplier * multiplier / samples)
 
     def _accumulate_inputs(self, inputs: list[Tensor]) -> None:
-        a_rows = concat([self.input_rows(x) for x in inputs])
-        self.a_factor.accumulate(a_rows, 1.0 / a_rows.shape[-2])
+        # The bias's ones column stays implicit: the factor adds its blocks without a copy of the rows.
+        a_rows = concat([self._input_rows(x) for x in inputs])
+        self.a_factor.accumulate(a_rows, 1.0 / a_rows.shape[-2], ones_column=self.augment)
 
     def input_rows(self, inputs: Tensor) -> Tensor:
         """Layer inputs as rows (samples × in'), with the ones column when the bias is augmented."""
