@@ -18,6 +18,7 @@ BENCHMARKS = {
     "step_overhead": True,
     "approximation": False,
     "time_to_accuracy": True,
+    "embeddings": False,
 }
 
 
