@@ -87,6 +87,7 @@ def one_run(task: Task, method: str, config: dict, seed: int, device: torch.devi
         "best_accuracy": tracker.best,
         "final_accuracy": tracker.final,
         "seconds_per_step": statistics.median(tracker.seconds),
+        "history": tracker.history,
     }
 
 
@@ -97,7 +98,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
-    rows, runs = [], []
+    rows, runs, curves = [], [], {}
     for task in TASKS:
         for method, grid in grids(args.quick).items():
             best = None
@@ -121,6 +122,8 @@ def main() -> None:
                     best["median_seconds"],
                 ):
                     best = summary
+                    best_curves = [r["history"] for r in results]
+            curves[(task.name, method)] = best_curves
             rows.append(best)
             print_table([best], list(best))
     for task in TASKS:
@@ -147,14 +150,25 @@ def main() -> None:
                 f"{row['task']}: callback steps / SGD steps = {row['steps_vs_sgd']:.2f}, "
                 f"time / better of SGD and Adam = {row['time_vs_best_baseline']:.2f}"
             )
+    runs = [{k: v for k, v in r.items() if k != "history"} for r in runs]
     write_json("time_to_accuracy", {**device_record(device), "seeds": args.seeds, "runs": runs}, rows)
     plt = pyplot()
     if plt is not None:
-        figure, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 3.5))
-        for ax, task in zip(axes, TASKS):
-            sel = [r for r in rows if r["task"] == task.name]
-            ax.bar([r["method"] for r in sel], [r["median_seconds"] for r in sel])
-            ax.set(title=f"{task.name}: time to {task.target:.0%} test acc", ylabel="seconds (training only)")
+        figure, axes = plt.subplots(2, len(TASKS), figsize=(5 * len(TASKS), 7))
+        for column, task in enumerate(TASKS):
+            for method in grids(args.quick):
+                for seed, history in enumerate(curves[(task.name, method)]):
+                    steps, seconds, accuracy = zip(*history)
+                    label = method if seed == 0 else None
+                    color = {"sgd": "C0", "adam": "C1", "kfac": "C2"}[method]
+                    axes[0, column].plot(steps, accuracy, color=color, alpha=0.7, label=label)
+                    axes[1, column].plot(seconds, accuracy, color=color, alpha=0.7, label=label)
+            for row, xlabel in enumerate(("optimizer steps", "training seconds (wall)")):
+                ax = axes[row, column]
+                ax.axhline(task.target, color="k", ls="--", lw=0.8)
+                ax.set(xlabel=xlabel, ylabel="test accuracy", title=f"{task.name}, best grid point, 3 seeds")
+                ax.set_ylim(max(0.0, task.target - 0.4), 1.0)
+                ax.legend()
         figure.tight_layout()
         figure.savefig(RESULTS / "time_to_accuracy.png", dpi=120)
 

@@ -43,6 +43,8 @@ class TargetTracker(StepTimer):
         self.best = self.final = 0.0
         self.steps_to_target: int | None = None
         self.seconds_to_target: float | None = None
+        #: (optimizer step, training seconds so far, test accuracy) at every check.
+        self.history: list[tuple[int, float, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -60,6 +62,7 @@ class TargetTracker(StepTimer):
             accuracy = float((logits.argmax(-1).cpu() == self.test_y).float().mean())
         pl_module.train(was_training)
         self.best, self.final = max(self.best, accuracy), accuracy
+        self.history.append((trainer.global_step, sum(self.seconds), accuracy))
         if accuracy >= self.target and self.steps_to_target is None:
             self.steps_to_target = trainer.global_step
             self.seconds_to_target = sum(self.seconds)
