@@ -19,6 +19,7 @@ BENCHMARKS = {
     "approximation": False,
     "time_to_accuracy": True,
     "embeddings": False,
+    "defaults": False,
 }
 
 

@@ -76,9 +76,8 @@ def one_run(task: Task, method: str, config: dict, seed: int, device: torch.devi
     tracker = TargetTracker(test_x, test_y, task.target, task.every)
     callbacks = [tracker]
     if method == "kfac":
-        callbacks.append(
-            LowRankKFACCallback(rank=16, damping=config["damping"], isotropic_tail=True, log_stats=False, seed=seed)
-        )
+        options = {"rank": 16, "isotropic_tail": True, **{k: v for k, v in config.items() if k != "lr"}}
+        callbacks.append(LowRankKFACCallback(log_stats=False, seed=seed, **options))
     trainer = quiet_trainer(accelerator=device.type, max_epochs=task.max_epochs, callbacks=callbacks)
     trainer.fit(model, data)
     return {

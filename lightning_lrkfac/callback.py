@@ -34,7 +34,7 @@ class LowRankKFACCallback(Callback):
 
     def __init__(
         self,
-        rank: int = 32,
+        rank: int = 16,
         oversampling: int = 8,
         damping: float | Schedule = 1e-3,
         factor_decay: float | Schedule = 0.95,

@@ -191,3 +191,22 @@ def test_plain_pytorch_example_trains_without_lightning():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_convolutions_unfold_patches_only_on_factor_update_steps(monkeypatch):
+    """factor_update_interval=3: patches are built on steps 0 and 3 only, and nothing is captured in between."""
+    import lightning_lrkfac.layers.conv as conv_module
+
+    calls = []
+    original = conv_module.conv_patches
+    monkeypatch.setattr(conv_module, "conv_patches", lambda *args: calls.append(1) or original(*args))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 16, 4))
+    x, y = torch.randn(5, 2, 4, 4), torch.randint(0, 4, (5,))
+    with LowRankKFAC(model, rank=8, factor_update_interval=3, kl_clip=None) as kfac:
+        for step in range(6):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            assert bool(kfac.capture.inputs[model[0]]) == (step % 3 == 0), step
+            kfac.step()
+    assert len(calls) == 2
