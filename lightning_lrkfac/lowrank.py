@@ -375,6 +375,15 @@ class SketchedFactor(KroneckerFactor):
         add_product(self.pending_sketch[:-1], rows.mT, projected, weight)
         add_scaled(self.pending_sketch[-1], projected.sum(0), weight)
 
+    def accumulate_sketch(self, product: Tensor, squares: Tensor, weight: float | Tensor) -> None:
+        """Add a micro-batch given as its products: ``product`` = rowsᵀ(rows V) (d × m), ``squares`` = Σ rows².
+
+        For callers that compute them without materialising the rows (a convolution's patches).
+        """
+        add_scaled(self.pending_sketch, product.to(self.dtype), weight)
+        add_scaled(self.pending_trace, squares.to(self.dtype), weight)
+        self.pending_count += 1
+
     def _pending(self) -> list[Tensor]:
         return [self.pending_sketch]
 

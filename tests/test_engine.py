@@ -194,12 +194,13 @@ def test_plain_pytorch_example_trains_without_lightning():
 
 
 def test_convolutions_unfold_patches_only_on_factor_update_steps(monkeypatch):
-    """factor_update_interval=3: patches are built on steps 0 and 3 only, and nothing is captured in between."""
-    import lightning_lrkfac.layers.conv as conv_module
+    """factor_update_interval=3: conv statistics (patches or their sketch) are computed on steps 0 and 3 only,
+    and nothing is captured in between."""
+    from lightning_lrkfac.layers import ConvLayer
 
     calls = []
-    original = conv_module.conv_patches
-    monkeypatch.setattr(conv_module, "conv_patches", lambda *args: calls.append(1) or original(*args))
+    original = ConvLayer._accumulate_inputs
+    monkeypatch.setattr(ConvLayer, "_accumulate_inputs", lambda self, inputs: calls.append(1) or original(self, inputs))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 16, 4))
     x, y = torch.randn(5, 2, 4, 4), torch.randint(0, 4, (5,))

@@ -87,3 +87,42 @@ def test_conv1d_and_conv3d_rows_reproduce_forward_and_weight_grad(conv, shape):
     out.backward(grad_out)
     torch.testing.assert_close(layer.grad_matrix(), layer.output_grad_rows(grad_out).T @ rows, rtol=1e-5, atol=1e-5)
     assert layer.num_samples(grad_out) == 2 and layer.describe() == type(conv).__name__
+
+
+@pytest.mark.parametrize(
+    "conv, shape",
+    [
+        (nn.Conv2d(3, 8, 3, padding=1), (2, 3, 7, 8)),
+        (nn.Conv2d(3, 8, 3, stride=2, padding=2, dilation=2, bias=False), (2, 3, 9, 9)),
+        (nn.Conv1d(4, 6, 5, padding="same", padding_mode="circular"), (3, 4, 11)),
+        (nn.Conv3d(2, 5, 2, stride=(1, 2, 1), padding=1), (2, 2, 4, 5, 3)),
+        (nn.Conv2d(3, 8, (2, 3), padding="same", padding_mode="reflect"), (2, 3, 6, 7)),
+    ],
+    ids=["2d", "2d-stride-dilation-no-bias", "1d-same-circular", "3d", "2d-same-reflect"],
+)
+def test_low_rank_conv_sketch_by_convolutions_equals_the_sketch_of_unfolded_patches(conv, shape):
+    """Two convolutions (P V, then the weight gradient Pᵀ(P V)) instead of patches: the same pending sums."""
+    conv = conv.double()
+    by_convolutions, by_patches = (layer_type(conv)("conv", conv) for _ in range(2))
+    for layer in (by_convolutions, by_patches):
+        layer.build_factors(4, 2, 0, False, torch.Generator().manual_seed(0), torch.float64)
+    inputs = [torch.randn(*shape, dtype=torch.float64) for _ in range(2)]  # a module called twice
+    by_convolutions._accumulate_inputs(inputs)
+    rows = torch.cat([by_patches.input_rows(x) for x in inputs])
+    by_patches.a_factor.accumulate(rows, 1.0 / rows.shape[0])
+    for got, expected in zip(by_convolutions.a_factor.pending_tensors(), by_patches.a_factor.pending_tensors()):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert by_convolutions.a_factor.pending_count == 1
+
+
+def test_low_rank_conv_sketch_takes_half_precision_inputs():
+    """Under AMP the captured inputs are 16-bit: the sketch is computed in the factor's float32."""
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    layer = layer_type(conv)("conv", conv)
+    layer.build_factors(4, 2, 0, False, torch.Generator().manual_seed(0), torch.float32)
+    x = torch.randn(2, 3, 6, 6)
+    layer._accumulate_inputs([x.bfloat16()])
+    reference = layer_type(conv)("conv", conv)
+    reference.build_factors(4, 2, 0, False, torch.Generator().manual_seed(0), torch.float32)
+    reference._accumulate_inputs([x.bfloat16().float()])
+    torch.testing.assert_close(layer.a_factor.pending_sketch, reference.a_factor.pending_sketch)

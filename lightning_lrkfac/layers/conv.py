@@ -7,11 +7,16 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..compat import pad_like_conv
+from ..lowrank import LowRankFactor
 from .base import KFACLayer
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 if TYPE_CHECKING:
     from ..options import KFACOptions
@@ -66,6 +71,42 @@ class ConvLayer(KFACLayer):
     def describe(self) -> str:
         groups = f", {self.groups} groups" if self.groups > 1 else ""
         return self.module_type.__name__ + groups
+
+    def _accumulate_inputs(self, inputs: list[Tensor]) -> None:
+        """A low-rank A of a plain conv is sketched with two convolutions instead of unfolded patches.
+
+        With the patches P (rows) and the test matrix V: P V is the conv of the input with V's
+        columns as m kernels, and Pᵀ(P V) is that conv's weight gradient for output gradient P V;
+        Σ P² is the conv of x² with a ones kernel. No patch matrix is ever formed.
+        """
+        if self.groups != 1 or not isinstance(self.a_factor, LowRankFactor):
+            super()._accumulate_inputs(inputs)
+            return
+        module, dims = self.module, len(self.module.kernel_size)
+        conv, weight_grad = CONV[dims], CONV_WEIGHT_GRAD[dims]
+        test = self.a_factor.test  # computed in the factor's dtype, as the patches would be
+        body = test[:-1] if self.augment else test
+        kernels = body.mT.reshape(body.shape[1], module.in_channels, *module.kernel_size)
+        products, squares, rows = [], [], 0
+        for x in inputs:
+            x = self._batched(x).to(test.dtype)
+            if module.padding_mode != "zeros" or isinstance(module.padding, str):
+                x, padding = pad_like_conv(module, x), 0
+            else:
+                padding = module.padding
+            geometry = dict(stride=module.stride, padding=padding, dilation=module.dilation)
+            projected = conv(x, kernels, test[-1] if self.augment else None, **geometry)  # P V, (N, m, *out)
+            product = weight_grad(x, kernels.shape, projected, **geometry).reshape(body.shape[1], -1).mT
+            ones = torch.ones(1, module.in_channels, *module.kernel_size, dtype=x.dtype, device=x.device)
+            locations = projected.numel() // projected.shape[1]
+            square = conv(x.square(), ones, **geometry).sum()
+            if self.augment:  # the ones column: its row of Pᵀ(PV) is Σ PV, its square 1 per location
+                product = torch.cat([product, projected.transpose(0, 1).reshape(body.shape[1], -1).sum(1)[None]])
+                square = square + locations
+            products.append(product)
+            squares.append(square)
+            rows += locations
+        self.a_factor.accumulate_sketch(sum(products), sum(squares), 1.0 / rows)
 
     def _grouped(self, rows: Tensor) -> Tensor:
         """(n, groups·d) rows → (groups, n, d): each group's channels are contiguous columns."""
