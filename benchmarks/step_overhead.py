@@ -15,7 +15,8 @@ m = k + p sketch columns):
   SGD step counts handled layers only, not attention scores or norms);
 - applying both inverses to G: 4·a·b·(w_A + w_B), every step;
 - statistics per factor update: 4·n·d·m per low-rank factor, 2·n·d² per dense one, n·d per
-  diagonal one, plus n·a to unfold a convolution's patches;
+  diagonal one, plus n·a to unfold a convolution's patches (not for a low-rank A: its sketch is
+  computed by two convolutions);
 - a refresh, every ``basis_update_interval`` steps: 10·d·m² per low-rank factor, 10·d³ per dense one.
 
     python -m benchmarks.step_overhead [--quick]
@@ -40,7 +41,7 @@ from lightning_lrkfac.examples.models import (
     ResNet18Classifier,
 )
 from lightning_lrkfac.layers import ConvLayer, EmbeddingLayer
-from lightning_lrkfac.lowrank import DenseFactor, DiagonalFactor, KroneckerFactor
+from lightning_lrkfac.lowrank import DenseFactor, DiagonalFactor, KroneckerFactor, LowRankFactor
 
 from .common import RESULTS, device_record, print_table, pyplot, write_json
 from .training import StepTimer, quiet_trainer
@@ -157,7 +158,10 @@ def flop_model(model: nn.Module, callback: LowRankKFACCallback, data) -> dict[st
         sgd += 2.0 * n * d_out if isinstance(layer, EmbeddingLayer) else 6.0 * n * d_in * d_out * blocks
         curvature += 4.0 * layer.in_dim * d_out * (_width(a_factor) + _width(b_factor)) * blocks
         curvature += _statistics_flops(a_factor, n) + _statistics_flops(b_factor, n)
-        curvature += float(n * layer.in_dim * blocks) if isinstance(layer, ConvLayer) else 0.0
+        unfolds = isinstance(layer, ConvLayer) and not isinstance(
+            a_factor, LowRankFactor
+        )  # low-rank: sketched by convs
+        curvature += float(n * layer.in_dim * blocks) if unfolds else 0.0
         curvature += (_refresh_flops(a_factor) + _refresh_flops(b_factor)) / BASIS_INTERVAL
     return {"sgd_gflop": sgd / 1e9, "curvature_gflop": curvature / 1e9, "model_ratio": 1.0 + curvature / sgd}
 
