@@ -249,7 +249,7 @@ class LowRankKFAC:
             self.prepare_inverses(damping)
         applied = step >= options.warmup_steps and any(layer.ready for layer in self.layers)
         if applied:
-            self.precondition(self._learning_rates(lr), kl_clip)
+            self.precondition(None if kl_clip is None else self._learning_rates(lr), kl_clip)
         self._end_step(started, applied, damping)
 
     def _end_step(self, started: float, preconditioned: bool, damping: float) -> None:
@@ -357,8 +357,9 @@ class LowRankKFAC:
         value = 0.0 if lr is None else float(lr)
         return lambda parameter: value
 
-    def precondition(self, learning_rate: Callable[[Tensor], float], kl_clip: float | None) -> None:
-        """Replace each handled gradient by (B + δ_B)⁻¹ G (A + δ_A)⁻¹, then apply the optional KL clip.
+    def precondition(self, learning_rate: Callable[[Tensor], float] | None, kl_clip: float | None) -> None:
+        """Replace each handled gradient by (B + δ_B)⁻¹ G (A + δ_A)⁻¹, then apply the optional KL clip
+        (``learning_rate`` maps a parameter to its rate; needed only with the clip).
 
         Under layerwise work each owner computes its layers' directions and broadcasts them;
         the KL clip then sums over all layers on every rank, so every rank takes the same step.
