@@ -79,12 +79,12 @@ class KroneckerFactor(ABC):
         ``ones_column``: the rows stand for [rows, 1] (an augmented bias), without a copy of them.
         """
         rows = rows.to(self.dtype)
-        if ones_column and not self.implicit_ones_column:
-            rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
-        if ones_column and self.implicit_ones_column:
+        if not ones_column:
+            self._accumulate(rows, weight)
+        elif self.implicit_ones_column:
             self._accumulate(rows, weight, ones_column=True)
         else:
-            self._accumulate(rows, weight)
+            self._accumulate(torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1), weight)
         self.pending_count += 1
 
     def pending_tensors(self) -> list[Tensor]:

@@ -87,11 +87,12 @@ def select_layers(model: nn.Module, options: KFACOptions) -> tuple[list[KFACLaye
         if not isinstance(module, nn.MultiheadAttention):
             continue
         out_proj = f"{name}.out_proj" if name else "out_proj"
+        ties = tied(name, module)
         reason = None if options.precondition_attention else "nn.MultiheadAttention (precondition_attention=False)"
         reason = (
             reason
             or unsupported_attention(module)
-            or (f"parameter shared with {tied(name, module)} (tied weights)" if tied(name, module) else None)
+            or (f"parameter shared with {ties} (tied weights)" if ties else None)
         )
         if not selected(name):
             functional.add(out_proj)
@@ -115,8 +116,8 @@ def select_layers(model: nn.Module, options: KFACOptions) -> tuple[list[KFACLaye
             skipped[name] = "weight used functionally by nn.MultiheadAttention"
         elif not module.weight.requires_grad:
             skipped[name] = "frozen weight"
-        elif tied(name, module):
-            skipped[name] = f"parameter shared with {tied(name, module)} (tied weights)"
+        elif ties := tied(name, module):
+            skipped[name] = f"parameter shared with {ties} (tied weights)"
         else:
             layers.append(cls.from_options(name, module, options))
     return layers, skipped

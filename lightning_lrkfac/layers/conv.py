@@ -22,6 +22,13 @@ if TYPE_CHECKING:
     from ..options import KFACOptions
 
 
+def explicitly_padded(module: nn.Module, inputs: Tensor, always: bool = False) -> tuple[Tensor, int | tuple[int, ...]]:
+    """(inputs, padding left to the op): padding modes and ``padding="same"`` are applied here, zeros left to the op."""
+    if always or module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return pad_like_conv(module, inputs), 0
+    return inputs, module.padding
+
+
 def conv_patches(module: nn.Module, inputs: Tensor) -> Tensor:
     """The receptive field of every output location as rows (batch·locations × in_channels·kernel).
 
@@ -29,10 +36,7 @@ def conv_patches(module: nn.Module, inputs: Tensor) -> Tensor:
     without bias. 2D uses im2col (``F.unfold``); 1D and 3D unfold each spatial dim in turn.
     """
     dims = len(module.kernel_size)
-    if module.padding_mode != "zeros" or isinstance(module.padding, str) or dims != 2:
-        inputs, padding = pad_like_conv(module, inputs), 0
-    else:
-        padding = module.padding
+    inputs, padding = explicitly_padded(module, inputs, always=dims != 2)  # Tensor.unfold cannot pad
     if dims == 2:
         patches = F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
@@ -87,17 +91,13 @@ class ConvLayer(KFACLayer):
         test = self.a_factor.test  # computed in the factor's dtype, as the patches would be
         body = test[:-1] if self.augment else test
         kernels = body.mT.reshape(body.shape[1], module.in_channels, *module.kernel_size)
+        ones = torch.ones(1, module.in_channels, *module.kernel_size, dtype=test.dtype, device=test.device)
         products, squares, rows = [], [], 0
         for x in inputs:
-            x = self._batched(x).to(test.dtype)
-            if module.padding_mode != "zeros" or isinstance(module.padding, str):
-                x, padding = pad_like_conv(module, x), 0
-            else:
-                padding = module.padding
+            x, padding = explicitly_padded(module, self._batched(x).to(test.dtype))
             geometry = dict(stride=module.stride, padding=padding, dilation=module.dilation)
             projected = conv(x, kernels, test[-1] if self.augment else None, **geometry)  # P V, (N, m, *out)
             product = weight_grad(x, kernels.shape, projected, **geometry).reshape(body.shape[1], -1).mT
-            ones = torch.ones(1, module.in_channels, *module.kernel_size, dtype=x.dtype, device=x.device)
             locations = projected.numel() // projected.shape[1]
             square = conv(x.square(), ones, **geometry).sum()
             if self.augment:  # the ones column: its row of Pᵀ(PV) is Σ PV, its square 1 per location
