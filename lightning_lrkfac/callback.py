@@ -28,8 +28,8 @@ class LowRankKFACCallback(Callback):
     Kronecker factors A (inputs) and B (output gradients), each kept as a rank-``rank``
     approximation (B: plus its exact diagonal), or dense when ``rank`` ≥ its size. Before
     each optimizer step the gradient G of the layer is replaced by (B + δ_B I)⁻¹ G (A + δ_A I)⁻¹
-    with π-damping; the user's optimizer then takes the step. Other parameters keep
-    their plain gradient. The options are those of :class:`~lightning_lrkfac.options.KFACOptions`.
+    with π-damping (or, with ``step_rule``, by EKFAC's or SOAP's step in the kept eigenbasis);
+    the user's optimizer then takes the step. Other parameters keep their plain gradient. The options are those of :class:`~lightning_lrkfac.options.KFACOptions`.
     """
 
     def __init__(
@@ -42,6 +42,10 @@ class LowRankKFACCallback(Callback):
         basis_update_interval: int = 10,
         warmup_steps: int = 0,
         kl_clip: float | Schedule | None = 1e-3,
+        step_rule: str = "kfac",
+        adam_beta1: float = 0.9,
+        adam_beta2: float = 0.999,
+        adam_eps: float = 1e-8,
         isotropic_tail: bool = False,
         bias_mode: str = "augment",
         weight_sharing: str = "expand",
@@ -85,6 +89,7 @@ class LowRankKFACCallback(Callback):
             raise RuntimeError(
                 f"LowRankKFACCallback supports exactly one optimizer, the run has {len(trainer.optimizers)}."
             )
+        self.engine.check_optimizer(trainer.optimizers[0])
         # The strategy has moved the model by now: the factors are created on its device.
         rank_zero_info(self.engine.coverage_report())
 

@@ -22,12 +22,13 @@ from .coverage import coverage_rows, format_coverage
 from .distributed import Communicator, balanced_owners
 from .fisher import sampled_negative_log_likelihood
 from .layers import KFACLayer, select_layers
-from .lowrank import DiagPlusLowRankFactor, all_finite
+from .lowrank import DiagPlusLowRankFactor, all_finite, check_tensors
 from .options import FACTOR_DTYPES, KFACOptions, args_docstring
 from .preconditioner import kl_clip_scale
 from .schedules import as_schedule
+from .step_rules import EigenAdamRule, EKFACRule, StepRule
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 STATE_KEYS = (
     "version", "options", "steps", "prepared_damping", "layers", "generator", "mc_generator", "skipped_updates",
     "skipped_steps",
@@ -79,6 +80,7 @@ class LowRankKFAC:
         self.curvature_seconds = 0.0
         self.comm = Communicator()
         self.owners: list[int] = []
+        self.rules: list[StepRule] = []
         self._coverage: list[dict[str, Any]] = []
         self._built = False
         self._pending_state: dict[str, Any] | None = None
@@ -120,6 +122,7 @@ class LowRankKFAC:
                 self.generator,
                 self._factor_dtype(layer),
             )
+        self.rules = [self._make_rule(layer) for layer in self.layers]
         self.comm = Communicator.from_default_group()
         if options.work_distribution == "layerwise":
             self.owners = balanced_owners([layer.work_cost() for layer in self.layers], self.comm.world_size)
@@ -134,6 +137,26 @@ class LowRankKFAC:
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self._restore(state)
+
+    def _make_rule(self, layer: KFACLayer) -> StepRule:
+        options = self.options
+        if options.step_rule == "ekfac":
+            return EKFACRule(layer)
+        if options.step_rule == "soap":
+            return EigenAdamRule(layer, options.adam_beta1, options.adam_beta2, options.adam_eps)
+        return StepRule(layer)
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """``step_rule="soap"`` hands the optimizer Adam's finished step: it must not add momentum or rescale it."""
+        if self.options.step_rule != "soap":
+            return
+        for index, group in enumerate(optimizer.param_groups):
+            if "betas" in group or group.get("momentum", 0) or "alpha" in group or "lr_decay" in group:
+                raise ValueError(
+                    f"LowRankKFAC: step_rule='soap' already applies Adam's moments; use torch.optim.SGD with momentum=0 "
+                    f"(its lr is then Adam's), got {type(optimizer).__name__} with param group {index}: "
+                    f"{ {k: v for k, v in group.items() if k != 'params'} }"
+                )
 
     def _factor_dtype(self, layer: KFACLayer) -> torch.dtype:
         """``factor_dtype`` if set; else float64 for float64 weights and float32 otherwise (also under AMP)."""
@@ -205,10 +228,10 @@ class LowRankKFAC:
                 return 1.0 / loss_scale
             return accumulation * (examples if options.loss_reduction == "mean" else 1.0) / loss_scale
 
-        for layer in self.layers:
+        for layer, rule in zip(self.layers, self.rules):
             inputs, grads = self.capture.pop(layer.module)
             if inputs and grads:
-                layer.accumulate(inputs, grads, per_example_grad)
+                layer.accumulate(inputs, grads, per_example_grad, rule if rule.wants_rows else None)
         self.curvature_seconds += time.perf_counter() - started
 
     # -- the step ------------------------------------------------------------------------
@@ -228,6 +251,7 @@ class LowRankKFAC:
         this step; then no statistics are folded.
         """
         started = time.perf_counter()
+        self.build()  # first: a checkpoint loaded before the build sets the step counter
         step, options = self.steps, self.options
         kl_clip = None if self.kl_clip is None else float(self.kl_clip(step))
         if kl_clip is not None and lr is None:
@@ -236,7 +260,6 @@ class LowRankKFAC:
                 "the optimizer (per-group rates) or a number; or construct with kl_clip=None."
             )
         self.record(accumulation, loss_scale)
-        self.build()
         if grads_finite is None and options.skip_non_finite_steps and not self._gradients_finite():
             self._skip_step(started)
             return
@@ -277,9 +300,10 @@ class LowRankKFAC:
         """
         for parameter in self.model.parameters():
             parameter.grad = None
-        for layer in self.layers:
+        for layer, rule in zip(self.layers, self.rules):
             for factor in layer.factors:
                 factor.discard_pending()
+            rule.discard_pending()
         self.skipped_steps += 1
         self._end_step(started, False, self._last_step["damping"])
 
@@ -295,9 +319,10 @@ class LowRankKFAC:
         """
         # One flat all-reduce of every pending sum: each rank then folds the global batch.
         # Every rank runs the same number of micro-batches (a DistributedSampler's shards).
-        self.comm.all_reduce_sum([t for layer in self.layers for f in layer.factors for t in f.pending_tensors()])
+        pending = [t for layer in self.layers for f in layer.factors for t in f.pending_tensors()]
+        self.comm.all_reduce_sum(pending + [t for rule in self.rules for t in rule.pending_tensors()])
         world_size = self.comm.world_size
-        for layer in self.layers:
+        for layer, rule in zip(self.layers, self.rules):
             a_factor, b_factor = layer.factors
             if a_factor.pending_count == 0 or b_factor.pending_count == 0:
                 continue
@@ -309,6 +334,7 @@ class LowRankKFAC:
             self.skipped_updates += ~valid
             a_factor.commit(a_next, valid)
             b_factor.commit(b_next, valid)
+            rule.fold(decay, rule.pending_count * world_size, valid)
 
     def bases_ready(self) -> bool:
         """True once every factor has an eigen-approximation to precondition with."""
@@ -331,6 +357,7 @@ class LowRankKFAC:
                         factor.refresh()
                 if layer.ready:
                     layer.prepare_inverses(damping)
+                    self.rules[index].rebase()
         if self.options.work_distribution == "layerwise" and self.comm.active:
             groups = [[t for f in layer.factors if f.initialized for t in f.basis_tensors()] for layer in self.layers]
             self.comm.broadcast_from_owners(groups, self.owners, kind="bases")
@@ -340,6 +367,7 @@ class LowRankKFAC:
                         factor.refreshed = factor.refreshed or factor.initialized
                     if layer.ready:  # k×k work: keeps every rank's state (and checkpoint) consistent
                         layer.prepare_inverses(damping)
+                        self.rules[index].rebase()
         self._prepared_damping = damping
 
     def prepare_inverses(self, damping: float) -> None:
@@ -372,7 +400,7 @@ class LowRankKFAC:
             bias = layer.separate_bias_grad()
             grads = [grad.to(layer.dtype)] + ([] if bias is None else [bias.to(layer.dtype)])
             if self.owns(index):
-                naturals = layer.precondition(grads)
+                naturals = self.rules[index].precondition(grads, self._prepared_damping)
             else:
                 naturals = [torch.empty_like(g) for g in grads]
             work.append((index, grads, naturals))
@@ -442,8 +470,9 @@ class LowRankKFAC:
                     "out_dim": layer.out_dim,
                     "A": layer.a_factor.state_dict(),
                     "B": layer.b_factor.state_dict(),
+                    "rule": {name: value.detach().clone() for name, value in rule.state_tensors().items()},
                 }
-                for layer in self.layers
+                for layer, rule in zip(self.layers, self.rules)
             },
             "generator": self.generator.get_state(),
             "mc_generator": None if self.mc_generator is None else self.mc_generator.get_state(),
@@ -479,14 +508,18 @@ class LowRankKFAC:
             self._pending_state = state
 
     def _restore(self, state: dict[str, Any]) -> None:
-        for layer in self.layers:  # check every entry before loading any
+        for layer, rule in zip(self.layers, self.rules):  # check every entry before loading any
             for key, factor in (("A", layer.a_factor), ("B", layer.b_factor)):
                 factor.check_state(state["layers"][layer.name].get(key), f"layers.{layer.name}.{key}")
+            check_tensors(rule.state_tensors(), state["layers"][layer.name].get("rule"), f"layers.{layer.name}.rule")
         if not isinstance(state["skipped_updates"], Tensor) or state["skipped_updates"].shape != ():
             raise ValueError("LowRankKFAC: checkpoint entry `skipped_updates` must be a 0-dim tensor")
-        for layer in self.layers:
+        for layer, rule in zip(self.layers, self.rules):
             layer.a_factor.load_state_dict(state["layers"][layer.name]["A"])
             layer.b_factor.load_state_dict(state["layers"][layer.name]["B"])
+            for name, tensor in rule.state_tensors().items():
+                tensor.copy_(state["layers"][layer.name]["rule"][name])
+            rule.after_load()
         self.steps = int(state["steps"])
         self.skipped_steps = int(state["skipped_steps"])
         self.capture.enabled = self.factor_update_due(self.steps)

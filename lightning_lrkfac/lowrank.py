@@ -51,6 +51,23 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
     return torch.stack([t.sum() for t in tensors]).isfinite().all()
 
 
+def check_tensors(current: dict[str, Tensor], saved: object, key: str) -> None:
+    """Raise ``ValueError`` naming the first entry of ``saved`` that is missing, extra, or of another shape or dtype."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"checkpoint entry `{key}` must be a dict of tensors, got {type(saved).__name__}")
+    for name in sorted(set(current) | set(saved)):
+        where = f"`{key}.{name}`"
+        if name not in saved:
+            raise ValueError(f"checkpoint entry {where} is missing")
+        value = saved[name]
+        if name not in current or not isinstance(value, Tensor):
+            raise ValueError(f"checkpoint entry {where} is not a tensor of this state")
+        if value.shape != current[name].shape or value.dtype != current[name].dtype:
+            raise ValueError(
+                f"checkpoint entry {where} is {value.dtype} {tuple(value.shape)}, expected {current[name].dtype} {tuple(current[name].shape)}"
+            )
+
+
 class KroneckerFactor(ABC):
     """One EMA Kronecker factor (A or B) of one layer."""
 
@@ -196,18 +213,7 @@ class KroneckerFactor(ABC):
             raise ValueError(
                 f"checkpoint entry `{key}` holds a {state['kind']} of size {state['dim']}, this layer has a {type(self).__name__} of size {self.dim}"
             )
-        current, saved = self._tensors(), state["tensors"]
-        for name in sorted(set(current) | set(saved)):
-            where = f"`{key}.tensors.{name}`"
-            if name not in saved:
-                raise ValueError(f"checkpoint entry {where} is missing")
-            value = saved[name]
-            if name not in current or not isinstance(value, Tensor):
-                raise ValueError(f"checkpoint entry {where} is not a tensor of this factor")
-            if value.shape != current[name].shape or value.dtype != current[name].dtype:
-                raise ValueError(
-                    f"checkpoint entry {where} is {value.dtype} {tuple(value.shape)}, expected {current[name].dtype} {tuple(current[name].shape)}"
-                )
+        check_tensors(self._tensors(), state["tensors"], f"{key}.tensors")
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         """Copy a state that :meth:`check_state` accepted into this factor's tensors."""

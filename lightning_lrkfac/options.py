@@ -106,6 +106,18 @@ class KFACOptions:
         "(Ba et al. 2017); null disables",
         Check(f"null or {scheduled(POSITIVE).allowed}", lambda v: v is None or scheduled(POSITIVE).test(v)),
     )
+    step_rule: str = option(
+        "kfac",
+        "the step from the curvature: `kfac` (B⁻¹GA⁻¹); `ekfac` (George et al. 2018: in the kept eigenbasis, divide "
+        "by running second moments of per-example gradients, K-FAC on the rest); `soap` (Vyas et al. 2024: Adam in "
+        "the kept eigenbasis, diagonal Adam on the rest; its step is Adam's, so pair it with SGD without momentum "
+        "at an Adam learning rate, and kl_clip null)",
+        one_of("kfac", "ekfac", "soap"),
+        checkpoint=True,
+    )
+    adam_beta1: float = option(0.9, "for `soap`: Adam's first-moment decay β₁", DECAY)
+    adam_beta2: float = option(0.999, "for `soap`: Adam's second-moment decay β₂", DECAY)
+    adam_eps: float = option(1e-8, "for `soap`: Adam's ε", POSITIVE)
     isotropic_tail: bool = option(
         False, "A ≈ UΛUᵀ + σ(I − UUᵀ), σ the mean dropped eigenvalue (the trace is exact)", BOOL
     )
@@ -179,6 +191,16 @@ class KFACOptions:
     def __post_init__(self) -> None:
         for spec in fields(self):
             spec.metadata["check"](spec.name, getattr(self, spec.name))
+        if self.step_rule == "soap" and self.kl_clip is not None:
+            raise ValueError(
+                "LowRankKFAC: `step_rule`='soap' takes Adam's normalised step, which the KL clip does not bound; "
+                f"set `kl_clip` to null (got {self.kl_clip!r}) or use step_rule 'kfac' or 'ekfac'"
+            )
+        if self.step_rule == "soap" and self.work_distribution != "replicate":
+            raise ValueError(
+                "LowRankKFAC: `step_rule`='soap' keeps Adam moments on every rank: `work_distribution` must be "
+                f"'replicate', got {self.work_distribution!r}"
+            )
 
     def signature(self) -> dict[str, Any]:
         """The options a checkpoint's curvature state depends on: they must match to resume."""

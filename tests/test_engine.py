@@ -200,7 +200,11 @@ def test_convolutions_unfold_patches_only_on_factor_update_steps(monkeypatch):
 
     calls = []
     original = ConvLayer._accumulate_inputs
-    monkeypatch.setattr(ConvLayer, "_accumulate_inputs", lambda self, inputs: calls.append(1) or original(self, inputs))
+    monkeypatch.setattr(
+        ConvLayer,
+        "_accumulate_inputs",
+        lambda self, inputs, bases=None: calls.append(1) or original(self, inputs, bases),
+    )
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 16, 4))
     x, y = torch.randn(5, 2, 4, 4), torch.randint(0, 4, (5,))

@@ -40,7 +40,8 @@ def test_readme_option_table_is_generated_from_the_declaration():
 
 def test_checkpoint_signature_holds_the_options_the_state_depends_on():
     assert set(KFACOptions().signature()) == {
-        "rank", "oversampling", "bias_mode", "weight_sharing", "dense_threshold", "fisher_type", "factor_dtype",
+        "rank", "oversampling", "step_rule", "bias_mode", "weight_sharing", "dense_threshold", "fisher_type",
+        "factor_dtype",
     }  # fmt: skip
 
 

@@ -1,8 +1,9 @@
-"""LightningModules for the examples and configs: an MLP, a small 2D and a 1D CNN, a CIFAR ResNet-18 and
-a small GPT-style language model.
+"""LightningModules for the examples and configs: an MLP, a small 2D and a 1D CNN, a CIFAR ResNet-18,
+a small GPT-style language model and an MLP autoencoder.
 
-They are ordinary classifiers (cross-entropy, torchmetrics accuracy, SGD or Adam; the
-language model classifies every next token): the callback needs nothing from them.
+They are ordinary models (cross-entropy with torchmetrics accuracy, or MSE for the
+autoencoder; SGD or Adam; the language model classifies every next token): the callback
+needs nothing from them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,18 @@ from torchmetrics.classification import MulticlassAccuracy
 OPTIMIZERS = ("sgd", "adam")
 
 
+def check_optimizer_name(optimizer: str) -> None:
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}")
+
+
+def build_optimizer(module: nn.Module, name: str, lr: float, momentum: float, weight_decay: float):
+    """Adam, or SGD with (possibly zero) momentum, over every parameter of ``module``."""
+    if name == "adam":
+        return torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
 class Classifier(pl.LightningModule):
     """Cross-entropy classifier around ``self.net``; logs loss and accuracy per split.
 
@@ -27,8 +40,7 @@ class Classifier(pl.LightningModule):
 
     def __init__(self, num_classes: int, lr: float, momentum: float, weight_decay: float, optimizer: str) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}")
+        check_optimizer_name(optimizer)
         self.lr, self.momentum, self.weight_decay, self.optimizer_name = lr, momentum, weight_decay, optimizer
         self.accuracy = nn.ModuleDict(
             {f"{split}_acc": MulticlassAccuracy(num_classes) for split in ("train", "val", "test")}
@@ -60,9 +72,7 @@ class Classifier(pl.LightningModule):
         self._shared_step(batch, "test")
 
     def configure_optimizers(self):
-        if self.optimizer_name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return build_optimizer(self, self.optimizer_name, self.lr, self.momentum, self.weight_decay)
 
 
 class MLPClassifier(Classifier):
@@ -281,3 +291,51 @@ class GPTLanguageModel(Classifier):
         positions = torch.arange(length, device=tokens.device).expand(batch, length)
         hidden = self.blocks(self.tokens(tokens) + self.positions(positions))
         return self.head(self.norm(hidden))
+
+
+class MLPAutoencoder(pl.LightningModule):
+    """Deep fully connected autoencoder (ReLU) trained on MSE reconstruction: a regression loss.
+
+    Batches are (x, label); the label is ignored. ``test_mse`` is logged per split.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 64,
+        hidden: Sequence[int] = (128, 32, 8, 32, 128),
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        optimizer: str = "sgd",
+    ) -> None:
+        super().__init__()
+        check_optimizer_name(optimizer)
+        self.save_hyperparameters()
+        self.lr, self.momentum, self.weight_decay, self.optimizer_name = lr, momentum, weight_decay, optimizer
+        widths = [in_features, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        layers.append(nn.Linear(widths[-1], in_features))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _shared_step(self, batch, split: str) -> torch.Tensor:
+        x = batch[0]
+        loss = F.mse_loss(self(x), x)
+        self.log(f"{split}_mse", loss, on_step=split == "train", on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._shared_step(batch, "test")
+
+    def configure_optimizers(self):
+        return build_optimizer(self, self.optimizer_name, self.lr, self.momentum, self.weight_decay)

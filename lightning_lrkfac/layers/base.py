@@ -11,9 +11,11 @@ from torch import Tensor, nn
 
 from ..lowrank import DenseFactor, DiagPlusLowRankFactor, KroneckerFactor, LowRankFactor
 from ..preconditioner import pi_damping
+from ..step_rules import project_rows
 
 if TYPE_CHECKING:
     from ..options import KFACOptions
+    from ..step_rules import Bases, RowPairing, StepRule
 
 
 def concat(rows: list[Tensor]) -> Tensor:
@@ -159,26 +161,40 @@ class KFACLayer(ABC):
 
     # -- statistics ---------------------------------------------------------------------
     def accumulate(
-        self, inputs: list[Tensor], grads: list[Tensor], per_example_grad: Callable[[float], float | Tensor]
+        self,
+        inputs: list[Tensor],
+        grads: list[Tensor],
+        per_example_grad: Callable[[float], float | Tensor],
+        row_rule: StepRule | None = None,
     ) -> None:
         """Add one backward's statistics (every call of the module) to the pending sums of A and B.
 
         ``per_example_grad(examples)`` is the multiplier that turns a recorded output gradient
-        of a loss averaged over ``examples`` into one example's own gradient.
+        of a loss averaged over ``examples`` into one example's own gradient. ``row_rule``
+        (EKFAC) also gets the paired rows of A and B, with B's weight.
         """
-        self._accumulate_inputs(inputs)
+        bases = None if row_rule is None else row_rule.bases
+        pairing = self._accumulate_inputs(inputs, bases)
         samples = sum(self.num_samples(g) for g in grads)
         b_rows = concat([self.output_grad_rows(g) for g in grads]).to(self.b_factor.dtype)
         multiplier = per_example_grad(samples / len(grads))
         if isinstance(multiplier, Tensor):  # e.g. the AMP loss scale, kept on the device
-            self.b_factor.accumulate(b_rows * multiplier, 1.0 / samples)
+            b_rows, weight = b_rows * multiplier, 1.0 / samples
         else:  # (m·rows)ᵀ(m·rows) = m²·rowsᵀrows: no n×d multiply
-            self.b_factor.accumulate(b_rows, multiplier * multiplier / samples)
+            weight = multiplier * multiplier / samples
+        self.b_factor.accumulate(b_rows, weight)
+        if pairing is not None:
+            row_rule.accumulate_rows(b_rows, pairing, weight)
 
-    def _accumulate_inputs(self, inputs: list[Tensor]) -> None:
+    def _accumulate_inputs(self, inputs: list[Tensor], bases: Bases | None = None) -> RowPairing | None:
+        """Add the inputs to A; with ``bases``, also return how to pair B-rows with the A-rows in U's coordinates."""
         # The bias's ones column stays implicit: the factor adds its blocks without a copy of the rows.
         a_rows = concat([self._input_rows(x) for x in inputs])
         self.a_factor.accumulate(a_rows, 1.0 / a_rows.shape[-2], ones_column=self.augment)
+        if bases is None:
+            return None
+        squares = project_rows(a_rows.to(self.a_factor.dtype), bases.right, self.augment).square()
+        return lambda left: left @ squares
 
     def input_rows(self, inputs: Tensor) -> Tensor:
         """Layer inputs as rows (samples × in'), with the ones column when the bias is augmented."""

@@ -20,6 +20,7 @@ CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weig
 
 if TYPE_CHECKING:
     from ..options import KFACOptions
+    from ..step_rules import Bases, RowPairing
 
 
 def explicitly_padded(module: nn.Module, inputs: Tensor, always: bool = False) -> tuple[Tensor, int | tuple[int, ...]]:
@@ -76,23 +77,23 @@ class ConvLayer(KFACLayer):
         groups = f", {self.groups} groups" if self.groups > 1 else ""
         return self.module_type.__name__ + groups
 
-    def _accumulate_inputs(self, inputs: list[Tensor]) -> None:
+    def _accumulate_inputs(self, inputs: list[Tensor], bases: Bases | None = None) -> RowPairing | None:
         """A low-rank A of a plain conv is sketched with two convolutions instead of unfolded patches.
 
         With the patches P (rows) and the test matrix V: P V is the conv of the input with V's
         columns as m kernels, and Pᵀ(P V) is that conv's weight gradient for output gradient P V;
-        Σ P² is the conv of x² with a ones kernel. No patch matrix is ever formed.
+        Σ P² is the conv of x² with a ones kernel. No patch matrix is ever formed. The first k
+        columns of V are A's kept eigenvectors U, so P U (for EKFAC's pairs) comes for free.
         """
         if self.groups != 1 or not isinstance(self.a_factor, LowRankFactor):
-            super()._accumulate_inputs(inputs)
-            return
+            return super()._accumulate_inputs(inputs, bases)
         module, dims = self.module, len(self.module.kernel_size)
         conv, weight_grad = CONV[dims], CONV_WEIGHT_GRAD[dims]
         test = self.a_factor.test  # computed in the factor's dtype, as the patches would be
         body = test[:-1] if self.augment else test
         kernels = body.mT.reshape(body.shape[1], module.in_channels, *module.kernel_size)
         ones = torch.ones(1, module.in_channels, *module.kernel_size, dtype=test.dtype, device=test.device)
-        products, squares, rows = [], [], 0
+        products, squares, rotated, rows = [], [], [], 0
         for x in inputs:
             x, padding = explicitly_padded(module, self._batched(x).to(test.dtype))
             geometry = dict(stride=module.stride, padding=padding, dilation=module.dilation)
@@ -106,7 +107,14 @@ class ConvLayer(KFACLayer):
             products.append(product)
             squares.append(square)
             rows += locations
+            if bases is not None:
+                rank = bases.right.shape[-1]
+                rotated.append(projected[:, :rank].movedim(1, -1).reshape(-1, rank))
         self.a_factor.accumulate_sketch(sum(products), sum(squares), 1.0 / rows)
+        if bases is None:
+            return None
+        squared = torch.cat(rotated).square()
+        return lambda left: left @ squared
 
     def _grouped(self, rows: Tensor) -> Tensor:
         """(n, groups·d) rows → (groups, n, d): each group's channels are contiguous columns."""

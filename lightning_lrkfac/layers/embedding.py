@@ -12,6 +12,7 @@ from .base import KFACLayer
 
 if TYPE_CHECKING:
     from ..options import KFACOptions
+    from ..step_rules import Bases, RowPairing
 
 
 class EmbeddingLayer(KFACLayer):
@@ -46,14 +47,25 @@ class EmbeddingLayer(KFACLayer):
         """A: the exact diagonal of token frequencies, whatever the rank."""
         return DiagonalFactor(self.in_dim, self.weight.device, dtype)
 
-    def _accumulate_inputs(self, inputs: list[Tensor]) -> None:
-        """A: per-token counts over all positions (scatter-add: no host sync), divided by the positions."""
+    def _accumulate_inputs(self, inputs: list[Tensor], bases: Bases | None = None) -> RowPairing | None:
+        """A: per-token counts over all positions (scatter-add: no host sync), divided by the positions.
+
+        A one-hot row in the standard basis squares to itself, so EKFAC's pairs scatter B's rows by token.
+        """
         tokens = torch.cat([x.reshape(-1) for x in inputs])
         ones = torch.ones(tokens.shape, device=tokens.device, dtype=self.a_factor.dtype)
         if self.module.padding_idx is not None:
             ones = ones * (tokens != self.module.padding_idx)
         counts = torch.zeros(self.in_dim, device=tokens.device, dtype=self.a_factor.dtype).index_add_(0, tokens, ones)
         self.a_factor.accumulate_diagonal(counts, 1.0 / tokens.numel())
+        if bases is None:
+            return None
+
+        def pairing(left: Tensor) -> Tensor:
+            scattered = torch.zeros(*left.shape[:-1], self.in_dim, device=left.device, dtype=left.dtype)
+            return scattered.index_add_(-1, tokens, left * ones.to(left.dtype))
+
+        return pairing
 
     def _input_rows(self, inputs: Tensor) -> Tensor:
         """One-hot rows (only for references and tests: statistics use the counts directly)."""

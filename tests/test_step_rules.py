@@ -1,0 +1,287 @@
+"""EKFAC and SOAP (step_rule) against hand-written references: dense EKFAC, torch's Adam in rotated coordinates."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_lrkfac import LowRankKFAC
+from lightning_lrkfac.layers.conv import conv_patches
+from lightning_lrkfac.step_rules import Bases
+
+from .helpers import linear_io_grads
+
+DAMPING = 1e-2
+
+
+def tiny_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def batch(seed: int, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=generator, dtype=torch.float64), torch.randint(0, 3, (n,), generator=generator)
+
+
+def with_ones(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+
+
+def reference_statistics(model, x, y):
+    """Per layer: (augmented inputs ā_i, per-example output grads b̃_i = n·∂L/∂out_i, G = [∂W ∂b]) by plain autograd."""
+    linears = {"0": model[0], "2": model[2]}
+    inputs, grads, params = linear_io_grads(linears, lambda: F.cross_entropy(model(x), y))
+    n = x.shape[0]
+    out = {}
+    for index, name in enumerate(linears):
+        weight_grad, bias_grad = params[2 * index], params[2 * index + 1]
+        out[name] = (with_ones(inputs[name].detach()), n * grads[name], torch.cat([weight_grad, bias_grad[:, None]], 1))
+    return out
+
+
+def eigenbasis(matrix: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.eigh(matrix)[1]
+
+
+def step_and_read(kfac, model, x, y, optimizer=None):
+    """One backward + engine step; returns each Linear's preconditioned [∂W ∂b] and the plain one before."""
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    kfac.step(lr=optimizer)
+    return {name: torch.cat([model[int(name)].weight.grad, model[int(name)].bias.grad[:, None]], 1) for name in "02"}
+
+
+def test_ekfac_in_exact_mode_equals_dense_ekfac_with_the_eigenbasis_held_fixed():
+    """k ≥ d: step 0 takes the bases of batch 0's A and B and K-FAC's λ_B λ_A as scaling; at step 1
+    (EMA decay 0) the scaling is batch 1's E[(Q_Bᵀ g_i Q_A)²] and the step Q_B (C / (s + λ)) Q_Aᵀ."""
+    model = tiny_model()
+    x0, y0 = batch(0)
+    x1, y1 = batch(1)
+    reference0 = reference_statistics(model, x0, y0)
+    kfac = LowRankKFAC(
+        model, rank=16, damping=DAMPING, factor_decay=0.0, basis_update_interval=100, kl_clip=None, step_rule="ekfac"
+    )
+    got0 = step_and_read(kfac, model, x0, y0)
+    bases = {}
+    for name, (rows, outs, grad) in reference0.items():
+        n = rows.shape[0]
+        a_matrix, b_matrix = rows.T @ rows / n, outs.T @ outs / n
+        a_values, q_a = torch.linalg.eigh(a_matrix)
+        b_values, q_b = torch.linalg.eigh(b_matrix)
+        bases[name] = (q_a, q_b)
+        expected = q_b @ ((q_b.T @ grad @ q_a) / (b_values[:, None] * a_values[None, :] + DAMPING)) @ q_a.T
+        torch.testing.assert_close(got0[name], expected, atol=1e-10, rtol=1e-9)
+    reference1 = reference_statistics(model, x1, y1)  # the weights moved by no step: no optimizer ran
+    got1 = step_and_read(kfac, model, x1, y1)
+    for name, (rows, outs, grad) in reference1.items():
+        q_a, q_b = bases[name]
+        per_example = torch.einsum("ko,no,ni,ij->nkj", q_b.T, outs, rows, q_a)  # Q_Bᵀ b̃_i ā_iᵀ Q_A
+        scaling = per_example.square().mean(0)
+        expected = q_b @ ((q_b.T @ grad @ q_a) / (scaling + DAMPING)) @ q_a.T
+        torch.testing.assert_close(got1[name], expected, atol=1e-10, rtol=1e-9)
+
+
+def low_rank_engine(step_rule: str, **options) -> tuple[nn.Module, LowRankKFAC]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 12), nn.Tanh(), nn.Linear(12, 10)).double()
+    defaults = dict(rank=4, damping=DAMPING, kl_clip=None, basis_update_interval=100, step_rule=step_rule)
+    return model, LowRankKFAC(model, **{**defaults, **options})
+
+
+def wide_batch(seed: int, n: int = 32):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 20, generator=generator, dtype=torch.float64), torch.randint(0, 10, (n,), generator=generator)
+
+
+def test_low_rank_ekfac_is_a_symmetric_positive_operator_with_the_rescaled_core():
+    """k < d: P(G) = V (Vᵀ G U / (s + λ)) Uᵀ + P⊥ K P⊥ G is symmetric (⟨P G₁, G₂⟩ = ⟨G₁, P G₂⟩), positive,
+    and its core Vᵀ P(G) U is exactly the rescaled core."""
+    model, kfac = low_rank_engine("ekfac")
+    for seed in range(3):
+        x, y = wide_batch(seed)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        kfac.step()
+    layer, rule = kfac.layers[0], kfac.rules[0]
+    assert not rule.bases.complete
+    generator = torch.Generator().manual_seed(7)
+    g1, g2 = (torch.randn(layer.out_dim, layer.in_dim, generator=generator, dtype=torch.float64) for _ in range(2))
+    p1, p2 = (rule.precondition([g], DAMPING)[0] for g in (g1, g2))
+    torch.testing.assert_close((p1 * g2).sum(), (g1 * p2).sum(), rtol=1e-10, atol=0)
+    assert (p1 * g1).sum() > 0 and (p2 * g2).sum() > 0
+    bases = rule.bases
+    torch.testing.assert_close(bases.core(p1), bases.core(g1) / (rule.scaling + DAMPING), rtol=1e-10, atol=1e-12)
+    eye_left = bases.left.T @ bases.left
+    torch.testing.assert_close(eye_left, torch.eye(eye_left.shape[0], dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_soap_in_exact_mode_equals_torch_adam_after_the_rotation():
+    """k ≥ d and the bases held fixed: the direction is Q_B (Adam step on Q_Bᵀ G_t Q_A) Q_Aᵀ, step after step,
+    against torch.optim.Adam run on the rotated gradients."""
+    model = tiny_model()
+    betas, eps = (0.8, 0.9), 1e-6
+    kfac = LowRankKFAC(
+        model, rank=16, basis_update_interval=100, kl_clip=None, step_rule="soap",
+        adam_beta1=betas[0], adam_beta2=betas[1], adam_eps=eps,
+    )  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    kfac.check_optimizer(optimizer)
+    rotated, adams, bases = {}, {}, {}
+    for step in range(5):
+        x, y = batch(step)
+        reference = reference_statistics(model, x, y)
+        if step == 0:  # the bases: batch 0's A and B (the first fold takes the batch as is)
+            for name, (rows, outs, _) in reference.items():
+                n = rows.shape[0]
+                bases[name] = (eigenbasis(rows.T @ rows / n), eigenbasis(outs.T @ outs / n))
+                rotated[name] = torch.zeros(outs.shape[1], rows.shape[1], dtype=torch.float64, requires_grad=True)
+                adams[name] = torch.optim.Adam([rotated[name]], lr=1.0, betas=betas, eps=eps)
+        got = step_and_read(kfac, model, x, y, optimizer)
+        for name, (_, _, grad) in reference.items():
+            q_a, q_b = bases[name]
+            before = rotated[name].detach().clone()
+            rotated[name].grad = q_b.T @ grad @ q_a
+            adams[name].step()
+            adam_step = before - rotated[name].detach()
+            torch.testing.assert_close(got[name], q_b @ adam_step @ q_a.T, atol=1e-10, rtol=1e-8)
+        optimizer.step()
+
+
+def test_low_rank_soap_is_adam_on_the_core_plus_diagonal_adam_on_the_projected_rest():
+    """k < d: the direction is V Adam(Vᵀ G U) Uᵀ + P⊥ Adam(G − V Vᵀ G U Uᵀ), each Adam torch's own."""
+    model, kfac = low_rank_engine("soap")
+    x, y = wide_batch(0)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    kfac.step()  # step 0: the bases are made (and used: Adam step 1)
+    layer, rule = kfac.layers[0], kfac.rules[0]
+    bases = rule.bases
+    grad0 = None  # rebuild Adam's state from step 0's gradient through the same composition
+    generator = torch.Generator().manual_seed(3)
+    grads = [torch.randn(layer.out_dim, layer.in_dim, generator=generator, dtype=torch.float64) for _ in range(3)]
+    # Reset the rule's moments to zero so that both sides start from Adam's initial state.
+    for block in rule.blocks:
+        for tensor in block.tensors("x").values():
+            tensor.zero_()
+    rule.updates.zero_()
+    core = torch.zeros(bases.left.shape[1], bases.right.shape[1], dtype=torch.float64, requires_grad=True)
+    rest = torch.zeros(layer.out_dim, layer.in_dim, dtype=torch.float64, requires_grad=True)
+    adam = torch.optim.Adam([core, rest], lr=1.0)
+    for grad in grads:
+        got = rule.precondition([grad], DAMPING)[0]
+        core_grad = bases.core(grad)
+        core.grad, rest.grad = core_grad, grad - bases.expand(core_grad)
+        before_core, before_rest = core.detach().clone(), rest.detach().clone()
+        adam.step()
+        core_step, rest_step = before_core - core.detach(), before_rest - rest.detach()
+        expected = bases.expand(core_step) + rest_step - bases.expand(bases.core(rest_step))
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-9)
+    assert grad0 is None
+
+
+def test_transport_follows_a_permutation_and_sign_flip_exactly_and_fills_new_directions():
+    """Bases turned by a permutation with sign flips carry the moments along exactly (all covered);
+    a new direction from outside the old core is uncovered."""
+    old_left = torch.eye(4, dtype=torch.float64)[:, :3]
+    old_right = torch.eye(3, dtype=torch.float64)[:, :2]
+    previous = Bases(old_left, torch.ones(3), old_right, torch.ones(2))
+    moments = torch.arange(1.0, 7.0, dtype=torch.float64).reshape(3, 2)
+    permuted = Bases(-old_left[:, [2, 0, 1]], torch.ones(3), old_right[:, [1, 0]], torch.ones(2))
+    carried, covered = permuted.transport(previous, moments)
+    torch.testing.assert_close(carried, moments[[2, 0, 1]][:, [1, 0]])
+    torch.testing.assert_close(covered, torch.ones(3, 2, dtype=torch.float64))
+    turned_left = torch.eye(4, dtype=torch.float64)[:, [0, 1, 3]]  # the third direction is new
+    carried, covered = Bases(turned_left, torch.ones(3), old_right, torch.ones(2)).transport(previous, moments)
+    torch.testing.assert_close(covered[2], torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(carried[:2], moments[:2])
+
+
+def test_ekfac_pairs_of_a_sketched_conv_equal_those_of_unfolded_patches():
+    """A low-rank conv A is sketched by convolutions (no patches); EKFAC's pending Σ (Vᵀb)²(Uᵀ[p 1])² / N
+    must equal the sum over F.unfold's patches."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3, padding=1, stride=2).double()
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(6 * 4 * 4, 5)).double()
+    kfac = LowRankKFAC(model, rank=4, kl_clip=None, step_rule="ekfac")
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (4,))
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    kfac.step()
+    rule = kfac.rules[0]
+    outputs = {}
+    handle = conv.register_forward_hook(lambda m, a, out: outputs.update(out=out))
+    loss = F.cross_entropy(model(x), y)
+    handle.remove()
+    output_grad = torch.autograd.grad(loss, outputs["out"], retain_graph=True)[0]
+    model.zero_grad()
+    loss.backward()
+    kfac.record()
+    patches = with_ones(conv_patches(conv, x))
+    b_rows = 4 * output_grad.movedim(1, -1).reshape(-1, 6)  # per-example: n · ∂L/∂out
+    expected = (b_rows @ rule.bases.left).square().T @ (patches @ rule.bases.right).square() / 4
+    torch.testing.assert_close(rule.pending, expected, atol=1e-10, rtol=1e-9)
+
+
+def test_ekfac_pairs_of_an_embedding_equal_those_of_one_hot_rows():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 5, padding_idx=0), nn.Flatten(), nn.Linear(15, 4)).double()
+    kfac = LowRankKFAC(model, rank=2, kl_clip=None, step_rule="ekfac")
+    tokens, y = torch.randint(0, 7, (6, 3)), torch.randint(0, 4, (6,))
+    model.zero_grad()
+    F.cross_entropy(model(tokens), y).backward()
+    kfac.step()  # the bases
+    embedding_grad = {}
+    handle = model[0].register_forward_hook(lambda m, a, out: embedding_grad.update(out=out))
+    loss = F.cross_entropy(model(tokens), y)
+    handle.remove()
+    output_grad = torch.autograd.grad(loss, embedding_grad["out"], retain_graph=True)[0]
+    model.zero_grad()
+    loss.backward()
+    kfac.record()
+    rule = kfac.rules[0]
+    one_hot = F.one_hot(tokens.reshape(-1), 7).double() * (tokens.reshape(-1, 1) != 0)
+    b_rows = 18 * output_grad.reshape(-1, 5)  # expand: each of the 6·3 positions is an example, as for B
+    assert rule.bases.right is None
+    expected = (b_rows @ rule.bases.left).square().T @ one_hot / 18
+    torch.testing.assert_close(rule.pending, expected, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("step_rule", ["kfac", "ekfac", "soap"])
+def test_step_rule_state_resumes_bitwise_and_a_bad_entry_is_named(step_rule):
+    """A plain loop resumed from a checkpoint loaded before the first step takes the very same next step."""
+    model, kfac = low_rank_engine(step_rule, basis_update_interval=2)
+    for seed in range(3):
+        x, y = wide_batch(seed)
+        step_and_read(kfac, model, x, y)
+    state = kfac.state_dict()
+    twin_model, twin = low_rank_engine(step_rule, basis_update_interval=2)
+    twin_model.load_state_dict(model.state_dict())
+    twin.load_state_dict(state)
+    x, y = wide_batch(9)
+    got, expected = step_and_read(kfac, model, x, y), step_and_read(twin, twin_model, x, y)
+    for name in got:
+        assert torch.equal(got[name], expected[name])
+    if step_rule == "kfac":
+        return
+    bad = kfac.state_dict()
+    name = next(iter(bad["layers"]))
+    entry = "scaling" if step_rule == "ekfac" else "block0.core_second"
+    bad["layers"][name]["rule"][entry] = bad["layers"][name]["rule"][entry][:-1]
+    fresh = low_rank_engine(step_rule)[1]
+    fresh.build()
+    with pytest.raises(ValueError, match=f"layers.{name}.rule.{entry}"):
+        fresh.load_state_dict(bad)
+
+
+def test_soap_asks_for_plain_sgd_and_no_kl_clip():
+    with pytest.raises(ValueError, match="kl_clip"):
+        LowRankKFAC(nn.Linear(3, 2), step_rule="soap")
+    with pytest.raises(ValueError, match="work_distribution"):
+        LowRankKFAC(nn.Linear(3, 2), step_rule="soap", kl_clip=None, work_distribution="layerwise")
+    model = nn.Linear(3, 2)
+    kfac = LowRankKFAC(model, step_rule="soap", kl_clip=None)
+    for optimizer in (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), torch.optim.Adam(model.parameters())):
+        with pytest.raises(ValueError, match="SGD with momentum=0"):
+            kfac.check_optimizer(optimizer)
+    kfac.check_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4))
