@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -12,7 +13,8 @@ from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+#: Where scripts write JSON and PNG; ``LRKFAC_RESULTS_DIR`` redirects them (``--gpu`` uses results/gpu/).
+RESULTS = Path(os.environ.get("LRKFAC_RESULTS_DIR", Path(__file__).resolve().parent / "results"))
 
 
 def device_record(device: torch.device) -> dict[str, Any]:

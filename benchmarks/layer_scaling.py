@@ -101,10 +101,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="d ≤ 4096, k ∈ {16, 32}, 3 repeats")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dims", type=int, nargs="*", help="layer widths (default: 512…4096, and 8192 on CUDA)")
+    parser.add_argument("--ranks", type=int, nargs="*", help="ranks k (default: 16, 32 quick; 8…64 otherwise)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    dims = [512, 1024, 2048, 4096] + ([] if args.quick or device.type == "cpu" else [8192])
-    ranks = [16, 32] if args.quick else [8, 16, 32, 64]
+    dims = args.dims or [512, 1024, 2048, 4096] + ([] if args.quick or device.type == "cpu" else [8192])
+    ranks = args.ranks or ([16, 32] if args.quick else [8, 16, 32, 64])
     repeats, batch = (3, 128) if args.quick else (7, 256)
     rows = []
     for dim in dims:

@@ -78,6 +78,8 @@ def cases(device: torch.device, quick: bool):
     gpt = partial(GPTLanguageModel, vocab_size=256, context=64, width=256, depth=2, heads=8)
     yield "gpt-w256-4k-tokens", gpt, synthetic(big + 2, 64, (64,), 256, tokens=True), embeddings, big
     if device.type == "cuda" and not quick:
+        gpt512 = partial(GPTLanguageModel, vocab_size=256, context=256, width=512, depth=8, heads=8)
+        yield "gpt-w512-d8-s256", gpt512, synthetic(62, 32, (256,), 256, tokens=True), embeddings, 60
         try:
             ResNet18Classifier()
         except ImportError:
