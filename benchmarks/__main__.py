@@ -1,8 +1,9 @@
-"""Run every benchmark: ``python -m benchmarks [--quick] [--only NAME ...]``.
+"""Run every benchmark: ``python -m benchmarks [--quick] [--only NAME ...]``, or the GPU check: ``--gpu``.
 
 --quick (a few minutes on 2 CPU cores) shrinks sizes, grids and repeats; without it the
 scripts run their full settings (meant for a GPU). Each writes JSON and PNG to
-benchmarks/results/ and prints its table.
+benchmarks/results/ and prints its table. --gpu runs benchmarks/gpu.py: the CUDA tests and
+the GPU step-ratio and layer-scaling checks, into benchmarks/results/gpu/.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ BENCHMARKS = {
     "time_to_accuracy": True,
     "embeddings": False,
     "defaults": False,
+    "step_rules": True,
 }
 
 
@@ -27,7 +29,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=list(BENCHMARKS))
+    parser.add_argument("--gpu", action="store_true", help="the GPU check only (benchmarks/gpu.py)")
     args = parser.parse_args()
+    if args.gpu:
+        importlib.import_module("benchmarks.gpu").main()
+        return
     for name in args.only:
         print(f"\n=== benchmarks.{name} ===", flush=True)
         started = time.perf_counter()

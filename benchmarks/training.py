@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -30,17 +31,28 @@ class StepTimer(pl.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> float:
+    """Test accuracy of logits."""
+    return float((outputs.argmax(-1).cpu() == targets).float().mean())
+
+
+def negative_mse(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> float:
+    """−(reconstruction MSE) of an autoencoder: a score where higher is better, like accuracy."""
+    return -float((outputs.cpu() - inputs).square().mean())
+
+
 class TargetTracker(StepTimer):
-    """Every ``every`` steps and at the end, test accuracy on the whole test set (not timed).
+    """Every ``every`` steps and at the end, a test score (accuracy unless ``score`` says otherwise) on the whole
+    test set (not timed).
 
     Records the optimizer steps and the training wall time (sum of step times) to first reach
-    ``target``, the best test accuracy seen and the final one. The run goes on to its end.
+    ``target``, the best score seen and the final one. The run goes on to its end.
     """
 
-    def __init__(self, test_x: torch.Tensor, test_y: torch.Tensor, target: float, every: int) -> None:
+    def __init__(self, test_x: torch.Tensor, test_y: torch.Tensor, target: float, every: int, score=accuracy) -> None:
         super().__init__()
-        self.test_x, self.test_y, self.target, self.every = test_x, test_y, target, every
-        self.best = self.final = 0.0
+        self.test_x, self.test_y, self.target, self.every, self.score = test_x, test_y, target, every, score
+        self.best = self.final = -math.inf
         self.steps_to_target: int | None = None
         self.seconds_to_target: float | None = None
         #: (optimizer step, training seconds so far, test accuracy) at every check.
@@ -58,12 +70,12 @@ class TargetTracker(StepTimer):
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
-            logits = pl_module(self.test_x.to(pl_module.device))
-            accuracy = float((logits.argmax(-1).cpu() == self.test_y).float().mean())
+            outputs = pl_module(self.test_x.to(pl_module.device))
+            score = self.score(outputs, self.test_y, self.test_x)
         pl_module.train(was_training)
-        self.best, self.final = max(self.best, accuracy), accuracy
-        self.history.append((trainer.global_step, sum(self.seconds), accuracy))
-        if accuracy >= self.target and self.steps_to_target is None:
+        self.best, self.final = max(self.best, score), score
+        self.history.append((trainer.global_step, sum(self.seconds), score))
+        if score >= self.target and self.steps_to_target is None:
             self.steps_to_target = trainer.global_step
             self.seconds_to_target = sum(self.seconds)
 

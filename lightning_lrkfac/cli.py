@@ -12,7 +12,7 @@ from .callback import LowRankKFACCallback
 class LRKFACCLI(LightningCLI):
     """LightningCLI that, after ``fit``, tests the trained model and prints a short summary of the run.
 
-    The summary: test accuracy, wall time of ``fit``, the share of it the curvature work took
+    The summary: test accuracy (or test MSE for a regression model), wall time of ``fit``, the share of it the curvature work took
     (host time of the callback's record and step calls), and where the logs are.
     """
 
@@ -27,6 +27,8 @@ class LRKFACCLI(LightningCLI):
         lines = []
         if results and "test_acc" in results[0]:
             lines.append(f"test accuracy: {results[0]['test_acc']:.4f}")
+        if results and "test_mse" in results[0]:
+            lines.append(f"test MSE: {results[0]['test_mse']:.4f}")
         lines.append(f"fit wall time: {seconds:.1f} s")
         kfac = next((c for c in self.trainer.callbacks if isinstance(c, LowRankKFACCallback)), None)
         if kfac is not None and kfac.engine is not None:

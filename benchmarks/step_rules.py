@@ -1,0 +1,245 @@
+"""Which step to use: tuned and untuned SGD, Adam and the callback's three step rules, on three tasks.
+
+Methods (each inside the same Lightning loop, MLPs at width 256):
+- ``sgd``: SGD with momentum 0.9; ``adam``: Adam;
+- ``kfac`` / ``ekfac``: SGD with momentum 0.9 and the callback (``step_rule`` kfac / ekfac), empirical
+  Fisher; ``kfac-mc`` / ``ekfac-mc``: the same with the true Fisher (``fisher_type="mc"``: categorical
+  likelihood for the classifiers, gaussian for the autoencoder);
+- ``soap``: plain SGD (no momentum) and the callback with ``step_rule="soap"``, ``kl_clip=None``.
+
+Tasks: digits and mnist1d classification (test accuracy) and a deep autoencoder on digits
+(MSE regression, test reconstruction error). Every method has a grid; each grid point runs
+3 seeds; the best point has the fewest median steps to the target (ties: less time). Each
+method also has one default configuration, fixed for all tasks (the AlgoPerf self-tuning
+view). Seeds are the outer loop and methods alternate inside it, so machine drift hits every
+arm alike. Wall time counts training steps only, not the test evaluations.
+
+    python -m benchmarks.step_rules [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import math
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+
+from lightning_lrkfac import LowRankKFACCallback
+from lightning_lrkfac.examples.data import DigitsDataModule, MNIST1DDataModule
+from lightning_lrkfac.examples.models import MLPAutoencoder, MLPClassifier
+
+from .common import RESULTS, device_record, print_table, pyplot, write_json
+from .training import TargetTracker, accuracy, negative_mse, quiet_trainer, tensors
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    data_name: str
+    in_features: int
+    target: float  # on the score: accuracy, or −MSE
+    max_epochs: int
+    every: int
+    regression: bool = False
+
+    def data(self, seed: int):
+        module = _data_module(self.data_name)
+        module.seed = seed
+        return module
+
+    def model(self, optimizer: str, lr: float, momentum: float):
+        if self.regression:
+            return MLPAutoencoder(self.in_features, lr=lr, momentum=momentum, optimizer=optimizer)
+        return MLPClassifier(self.in_features, hidden=(256, 256), lr=lr, momentum=momentum, optimizer=optimizer)
+
+    @property
+    def metric(self) -> str:
+        return "test MSE" if self.regression else "test accuracy"
+
+    def shown(self, score: float) -> float:
+        """The score as the task's metric (MSE is stored negated so that higher is better)."""
+        return -score if self.regression else score
+
+
+@functools.cache
+def _data_module(name: str):
+    module = DigitsDataModule(64) if name == "digits" else MNIST1DDataModule(128)
+    module.setup("fit")  # mnist1d generation takes seconds: once per process
+    return module
+
+
+TASKS = [
+    Task("digits", "digits", 64, 0.95, 6, 5),
+    Task("mnist1d", "mnist1d", 40, 0.60, 12, 10),
+    Task("digits-autoencoder", "digits", 64, -0.045, 15, 10, regression=True),
+]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    optimizer: str
+    momentum: float
+    callback: dict | None
+    grid: list[dict] = field(default_factory=list)
+    default: dict = field(default_factory=dict)
+
+
+def methods(quick: bool) -> list[Method]:
+    lrs = [0.03, 0.1, 0.3]
+    dampings = [1e-3, 1e-2] if quick else [1e-3, 1e-2, 1e-1]
+    curvature_grid = [{"lr": lr, "damping": d} for lr, d in itertools.product(lrs, dampings)]
+    adam_lrs = [1e-3, 3e-3, 1e-2]
+    soap_grid = [{"lr": lr} for lr in adam_lrs]
+    curvature_default = {"lr": 0.1, "damping": 1e-3}  # the package's damping, the examples' SGD rate
+    return [
+        Method("sgd", "sgd", 0.9, None, [{"lr": lr} for lr in lrs], {"lr": 0.1}),
+        Method("adam", "adam", 0.0, None, [{"lr": lr} for lr in adam_lrs], {"lr": 1e-3}),
+        Method("kfac", "sgd", 0.9, {"step_rule": "kfac"}, curvature_grid, curvature_default),
+        Method("ekfac", "sgd", 0.9, {"step_rule": "ekfac"}, curvature_grid, curvature_default),
+        Method("kfac-mc", "sgd", 0.9, {"step_rule": "kfac", "fisher_type": "mc"}, curvature_grid, curvature_default),
+        Method("ekfac-mc", "sgd", 0.9, {"step_rule": "ekfac", "fisher_type": "mc"}, curvature_grid, curvature_default),
+        # SOAP's default rate: 3e-3, the SOAP paper's usual Adam rate (the package sets none: it is the SGD's).
+        Method("soap", "sgd", 0.0, {"step_rule": "soap", "kl_clip": None}, soap_grid, {"lr": 3e-3}),
+    ]
+
+
+def one_run(task: Task, method: Method, config: dict, seed: int, device: torch.device) -> dict:
+    data = task.data(seed)
+    test_x, test_y = tensors(data.test_set)
+    torch.manual_seed(seed)
+    model = task.model(method.optimizer, config["lr"], method.momentum)
+    score = negative_mse if task.regression else accuracy
+    tracker = TargetTracker(test_x, test_y, task.target, task.every, score=score)
+    callbacks = [tracker]
+    if method.callback is not None:
+        options = {**method.callback, **{k: v for k, v in config.items() if k != "lr"}}
+        if options.get("fisher_type") == "mc":  # the likelihood of the task's loss
+            options["likelihood"] = "gaussian" if task.regression else "categorical"
+        callbacks.append(LowRankKFACCallback(log_stats=False, seed=seed, **options))
+    trainer = quiet_trainer(accelerator=device.type, max_epochs=task.max_epochs, callbacks=callbacks)
+    trainer.fit(model, data)
+    return {
+        "steps": tracker.steps_to_target or math.inf,
+        "seconds": tracker.seconds_to_target or math.inf,
+        "best": task.shown(tracker.best),
+        "final": task.shown(tracker.final),
+        "seconds_per_step": statistics.median(tracker.seconds),
+        "history": [(step, seconds, task.shown(value)) for step, seconds, value in tracker.history],
+    }
+
+
+def label(config: dict) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in config.items())
+
+
+def summarize(task: Task, method: Method, config: dict, results: list[dict]) -> dict:
+    return {
+        "task": task.name,
+        "method": method.name,
+        "config": label(config),
+        "default": config == method.default,
+        "reached": sum(math.isfinite(r["steps"]) for r in results),
+        "median_steps": statistics.median(r["steps"] for r in results),
+        "median_seconds": statistics.median(r["seconds"] for r in results),
+        "ms_per_step": 1e3 * statistics.median(r["seconds_per_step"] for r in results),
+        "median_final": statistics.median(r["final"] for r in results),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a smaller damping grid")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--tasks", nargs="*", default=[t.name for t in TASKS])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    tasks = [t for t in TASKS if t.name in args.tasks]
+    every_method = methods(args.quick)
+    results: dict[tuple[str, str, str], list[dict]] = {}
+    for task in tasks:
+        for seed in range(args.seeds):  # seeds outside, methods alternating inside: drift hits every arm
+            for method in every_method:
+                configs = method.grid + ([] if method.default in method.grid else [method.default])
+                for config in configs:
+                    run = one_run(task, method, config, seed, device)
+                    results.setdefault((task.name, method.name, label(config)), []).append(run)
+        print(f"{task.name}: done", flush=True)
+
+    rows, tuned, defaults, curves = [], {}, {}, {}
+    for task in tasks:
+        for method in every_method:
+            configs = method.grid + ([] if method.default in method.grid else [method.default])
+            summaries = [summarize(task, method, c, results[(task.name, method.name, label(c))]) for c in configs]
+            rows += summaries
+            best = min(summaries, key=lambda s: (s["median_steps"], s["median_seconds"]))
+            tuned[(task.name, method.name)] = best
+            defaults[(task.name, method.name)] = next(s for s in summaries if s["default"])
+            curves[(task.name, method.name)] = [r["history"] for r in results[(task.name, method.name, best["config"])]]
+
+    table = []
+    for task in tasks:
+        baseline = [tuned[(task.name, m)] for m in ("sgd", "adam")]
+        best_steps = min(b["median_steps"] for b in baseline)
+        best_seconds = min(b["median_seconds"] for b in baseline)
+        for method in every_method:
+            best, default = tuned[(task.name, method.name)], defaults[(task.name, method.name)]
+            table.append(
+                {
+                    "task": task.name,
+                    "method": method.name,
+                    "tuned config": best["config"],
+                    "reached": best["reached"],
+                    "steps": best["median_steps"],
+                    "seconds": best["median_seconds"],
+                    "ms/step": best["ms_per_step"],
+                    "steps / best baseline": best["median_steps"] / best_steps,
+                    "time / best baseline": best["median_seconds"] / best_seconds,
+                    "default steps": default["median_steps"],
+                    "default seconds": default["median_seconds"],
+                    "default / tuned time": default["median_seconds"] / best["median_seconds"],
+                }
+            )
+    print("\nall grid points (median over seeds):")
+    print_table(rows, list(rows[0]))
+    print("\nbest grid point per method and task; 'best baseline' is the better of tuned SGD and Adam:")
+    print_table(table, list(table[0]))
+    meta = {**device_record(device), "seeds": args.seeds, "targets": {t.name: t.shown(t.target) for t in tasks}}
+    write_json("step_rules", meta, table + [{"grid": row} for row in rows])
+    plot(tasks, every_method, curves)
+
+
+def plot(tasks: list[Task], every_method: list[Method], curves: dict) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    figure, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7), squeeze=False)
+    colors = {m.name: f"C{i}" for i, m in enumerate(every_method)}
+    for column, task in enumerate(tasks):
+        for method in every_method:
+            for seed, history in enumerate(curves[(task.name, method.name)]):
+                steps, seconds, value = zip(*history)
+                name = method.name if seed == 0 else None
+                axes[0, column].plot(steps, value, color=colors[method.name], alpha=0.7, label=name)
+                axes[1, column].plot(seconds, value, color=colors[method.name], alpha=0.7, label=name)
+        for row, xlabel in enumerate(("optimizer steps", "training seconds (wall)")):
+            ax = axes[row, column]
+            ax.axhline(task.shown(task.target), color="k", ls="--", lw=0.8)
+            ax.set(xlabel=xlabel, ylabel=task.metric, title=f"{task.name}: tuned, 3 seeds")
+            if task.regression:
+                ax.set_yscale("log")
+                ax.set_ylim(top=0.1)
+            else:
+                ax.set_ylim(max(0.0, task.target - 0.4), 1.0)
+            ax.legend()
+    figure.tight_layout()
+    figure.savefig(RESULTS / "step_rules.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
