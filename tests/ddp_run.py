@@ -27,7 +27,10 @@ LR = 0.1
 
 
 def kfac_options(args: argparse.Namespace) -> dict:
-    return dict(rank=args.rank, oversampling=4, basis_update_interval=2, work_distribution=args.work, log_stats=False)
+    return dict(
+        rank=args.rank, oversampling=4, basis_update_interval=2, work_distribution=args.work, log_stats=False,
+        step_rule=args.step_rule,
+    )  # fmt: skip
 
 
 def shard_loader(world_size: int, rank: int, global_batch: int) -> torch.utils.data.DataLoader:
@@ -53,6 +56,11 @@ def save(out: Path, rank: int, model: torch.nn.Module, engine: LowRankKFAC | Non
                 for name, entry in engine.state_dict()["layers"].items()
                 for factor in ("A", "B")
                 for key, value in entry[factor]["tensors"].items()
+            }
+            | {
+                f"{name}.rule.{key}": value
+                for name, entry in engine.state_dict()["layers"].items()
+                for key, value in entry["rule"].items()
             },
             owners=engine.owners,
             world_size=engine.comm.world_size,
@@ -142,6 +150,7 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8, help="K-FAC rank (≥ 65: exact mode)")
     parser.add_argument("--work", default="replicate")
+    parser.add_argument("--step-rule", default="kfac", choices=("kfac", "ekfac"))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--plain", action="store_true", help="no callback (plain SGD), to check the harness")
     parser.add_argument("--out", type=Path, required=True)
