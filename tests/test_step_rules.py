@@ -157,7 +157,6 @@ def test_low_rank_soap_is_adam_on_the_core_plus_diagonal_adam_on_the_projected_r
     kfac.step()  # step 0: the bases are made (and used: Adam step 1)
     layer, rule = kfac.layers[0], kfac.rules[0]
     bases = rule.bases
-    grad0 = None  # rebuild Adam's state from step 0's gradient through the same composition
     generator = torch.Generator().manual_seed(3)
     grads = [torch.randn(layer.out_dim, layer.in_dim, generator=generator, dtype=torch.float64) for _ in range(3)]
     # Reset the rule's moments to zero so that both sides start from Adam's initial state.
@@ -177,7 +176,34 @@ def test_low_rank_soap_is_adam_on_the_core_plus_diagonal_adam_on_the_projected_r
         core_step, rest_step = before_core - core.detach(), before_rest - rest.detach()
         expected = bases.expand(core_step) + rest_step - bases.expand(bases.core(rest_step))
         torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-9)
-    assert grad0 is None
+
+
+def test_soap_with_a_separate_bias_runs_adam_on_its_rotated_column():
+    """bias_mode="separate": the bias has its own block with A = 1, so its rotated coordinates are Q_Bᵀ g_b;
+    exact mode, fixed bases, against torch's Adam."""
+    model = tiny_model()
+    kfac = LowRankKFAC(
+        model, rank=16, basis_update_interval=100, kl_clip=None, step_rule="soap", bias_mode="separate", adam_eps=1e-6
+    )
+    layer = model[2]
+    rotated = torch.zeros(3, 5, dtype=torch.float64, requires_grad=True)  # weight block (3×4) and bias column
+    adam, q_b, q_a = None, None, None
+    for step in range(3):
+        x, y = batch(step)
+        inputs, grads, params = linear_io_grads({"2": layer}, lambda: F.cross_entropy(model(x), y))
+        if step == 0:
+            rows, outs = inputs["2"].detach(), 8 * grads["2"]
+            q_a, q_b = eigenbasis(rows.T @ rows / 8), eigenbasis(outs.T @ outs / 8)
+            adam = torch.optim.Adam([rotated], lr=1.0, eps=1e-6)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        kfac.step()
+        before = rotated.detach().clone()
+        rotated.grad = torch.cat([q_b.T @ params[0] @ q_a, q_b.T @ params[1][:, None]], 1)
+        adam.step()
+        adam_step = before - rotated.detach()
+        torch.testing.assert_close(layer.weight.grad, q_b @ adam_step[:, :4] @ q_a.T, atol=1e-10, rtol=1e-8)
+        torch.testing.assert_close(layer.bias.grad, q_b @ adam_step[:, 4], atol=1e-10, rtol=1e-8)
 
 
 def test_transport_follows_a_permutation_and_sign_flip_exactly_and_fills_new_directions():
@@ -195,6 +221,15 @@ def test_transport_follows_a_permutation_and_sign_flip_exactly_and_fills_new_dir
     carried, covered = Bases(turned_left, torch.ones(3), old_right, torch.ones(2)).transport(previous, moments)
     torch.testing.assert_close(covered[2], torch.zeros(2, dtype=torch.float64))
     torch.testing.assert_close(carried[:2], moments[:2])
+    # A 45° turn inside the old span: each new direction is half of each old one, so by the
+    # squared rotation it carries the mean of their moments, and nothing is uncovered.
+    half = 0.5**0.5
+    turned = old_left.clone()
+    turned[:, 0], turned[:, 1] = half * (old_left[:, 0] + old_left[:, 1]), half * (old_left[:, 0] - old_left[:, 1])
+    carried, covered = Bases(turned, torch.ones(3), old_right, torch.ones(2)).transport(previous, moments)
+    mean = 0.5 * (moments[0] + moments[1])
+    torch.testing.assert_close(carried, torch.stack([mean, mean, moments[2]]))
+    torch.testing.assert_close(covered, torch.ones(3, 2, dtype=torch.float64))
 
 
 def test_ekfac_pairs_of_a_sketched_conv_equal_those_of_unfolded_patches():
