@@ -21,7 +21,6 @@ arm alike. Wall time counts training steps only, not the test evaluations.
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import math
 import statistics
@@ -30,11 +29,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lightning_lrkfac import LowRankKFACCallback
-from lightning_lrkfac.examples.data import DigitsDataModule, MNIST1DDataModule
 from lightning_lrkfac.examples.models import MLPAutoencoder, MLPClassifier
 
 from .common import RESULTS, device_record, print_table, pyplot, write_json
-from .training import TargetTracker, accuracy, negative_mse, quiet_trainer, tensors
+from .training import TargetTracker, accuracy, data_module, negative_mse, quiet_trainer, tensors
 
 
 @dataclass(frozen=True)
@@ -49,9 +47,7 @@ class Task:
     hidden: tuple[int, ...] = (256, 256)
 
     def data(self, seed: int):
-        module = _data_module(self.data_name)
-        module.seed = seed
-        return module
+        return data_module(self.data_name, 64 if self.data_name == "digits" else 128, seed)
 
     def model(self, optimizer: str, lr: float, momentum: float):
         if self.regression:
@@ -65,13 +61,6 @@ class Task:
     def shown(self, score: float) -> float:
         """The score as the task's metric (MSE is stored negated so that higher is better)."""
         return -score if self.regression else score
-
-
-@functools.cache
-def _data_module(name: str):
-    module = DigitsDataModule(64) if name == "digits" else MNIST1DDataModule(128)
-    module.setup("fit")  # mnist1d generation takes seconds: once per process
-    return module
 
 
 TASKS = [

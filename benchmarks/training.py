@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any
@@ -96,3 +97,19 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
 
 def tensors(dataset: torch.utils.data.TensorDataset) -> tuple[torch.Tensor, torch.Tensor]:
     return dataset.tensors[0], dataset.tensors[1]
+
+
+@functools.cache
+def _set_up(name: str, batch_size: int):
+    from lightning_lrkfac.examples.data import DigitsDataModule, MNIST1DDataModule
+
+    module = DigitsDataModule(batch_size) if name == "digits" else MNIST1DDataModule(batch_size)
+    module.setup("fit")  # mnist1d generation takes seconds: once per process
+    return module
+
+
+def data_module(name: str, batch_size: int, seed: int):
+    """The digits or mnist1d DataModule, set up once per process; ``seed`` shuffles the training batches."""
+    module = _set_up(name, batch_size)
+    module.seed = seed
+    return module

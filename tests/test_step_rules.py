@@ -190,7 +190,7 @@ def test_soap_with_a_separate_bias_runs_adam_on_its_rotated_column():
     adam, q_b, q_a = None, None, None
     for step in range(3):
         x, y = batch(step)
-        inputs, grads, params = linear_io_grads({"2": layer}, lambda: F.cross_entropy(model(x), y))
+        inputs, grads, params = linear_io_grads({"2": layer}, lambda x=x, y=y: F.cross_entropy(model(x), y))
         if step == 0:
             rows, outs = inputs["2"].detach(), 8 * grads["2"]
             q_a, q_b = eigenbasis(rows.T @ rows / 8), eigenbasis(outs.T @ outs / 8)
@@ -232,6 +232,19 @@ def test_transport_follows_a_permutation_and_sign_flip_exactly_and_fills_new_dir
     torch.testing.assert_close(covered, torch.ones(3, 2, dtype=torch.float64))
 
 
+def record_and_read_output_grad(kfac, model, module, x, y) -> torch.Tensor:
+    """One forward/backward recorded by the engine (no step); returns ∂L/∂(module's output) by plain autograd."""
+    outputs = {}
+    handle = module.register_forward_hook(lambda m, a, out: outputs.update(out=out))
+    loss = F.cross_entropy(model(x), y)
+    handle.remove()
+    output_grad = torch.autograd.grad(loss, outputs["out"], retain_graph=True)[0]
+    model.zero_grad()
+    loss.backward()
+    kfac.record()
+    return output_grad
+
+
 def test_ekfac_pairs_of_a_sketched_conv_equal_those_of_unfolded_patches():
     """A low-rank conv A is sketched by convolutions (no patches); EKFAC's pending Σ (Vᵀb)²(Uᵀ[p 1])² / N
     must equal the sum over F.unfold's patches."""
@@ -244,14 +257,7 @@ def test_ekfac_pairs_of_a_sketched_conv_equal_those_of_unfolded_patches():
     F.cross_entropy(model(x), y).backward()
     kfac.step()
     rule = kfac.rules[0]
-    outputs = {}
-    handle = conv.register_forward_hook(lambda m, a, out: outputs.update(out=out))
-    loss = F.cross_entropy(model(x), y)
-    handle.remove()
-    output_grad = torch.autograd.grad(loss, outputs["out"], retain_graph=True)[0]
-    model.zero_grad()
-    loss.backward()
-    kfac.record()
+    output_grad = record_and_read_output_grad(kfac, model, conv, x, y)
     patches = with_ones(conv_patches(conv, x))
     b_rows = 4 * output_grad.movedim(1, -1).reshape(-1, 6)  # per-example: n · ∂L/∂out
     expected = (b_rows @ rule.bases.left).square().T @ (patches @ rule.bases.right).square() / 4
@@ -266,14 +272,7 @@ def test_ekfac_pairs_of_an_embedding_equal_those_of_one_hot_rows():
     model.zero_grad()
     F.cross_entropy(model(tokens), y).backward()
     kfac.step()  # the bases
-    embedding_grad = {}
-    handle = model[0].register_forward_hook(lambda m, a, out: embedding_grad.update(out=out))
-    loss = F.cross_entropy(model(tokens), y)
-    handle.remove()
-    output_grad = torch.autograd.grad(loss, embedding_grad["out"], retain_graph=True)[0]
-    model.zero_grad()
-    loss.backward()
-    kfac.record()
+    output_grad = record_and_read_output_grad(kfac, model, model[0], tokens, y)
     rule = kfac.rules[0]
     one_hot = F.one_hot(tokens.reshape(-1), 7).double() * (tokens.reshape(-1, 1) != 0)
     b_rows = 18 * output_grad.reshape(-1, 5)  # expand: each of the 6·3 positions is an example, as for B

@@ -19,19 +19,38 @@ from torchmetrics.classification import MulticlassAccuracy
 OPTIMIZERS = ("sgd", "adam")
 
 
-def check_optimizer_name(optimizer: str) -> None:
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}")
+class Trainable(pl.LightningModule):
+    """``self.net`` trained by SGD (with momentum, possibly 0) or Adam; a subclass defines ``_shared_step``."""
+
+    def __init__(self, lr: float, momentum: float, weight_decay: float, optimizer: str) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}")
+        self.lr, self.momentum, self.weight_decay, self.optimizer_name = lr, momentum, weight_decay, optimizer
+        self.net: nn.Module = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _shared_step(self, batch, split: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._shared_step(batch, "test")
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
 
-def build_optimizer(module: nn.Module, name: str, lr: float, momentum: float, weight_decay: float):
-    """Adam, or SGD with (possibly zero) momentum, over every parameter of ``module``."""
-    if name == "adam":
-        return torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-class Classifier(pl.LightningModule):
+class Classifier(Trainable):
     """Cross-entropy classifier around ``self.net``; logs loss and accuracy per split.
 
     Logits (batch, …, classes) and targets (batch, …) are flattened: a sequence model's loss
@@ -39,16 +58,10 @@ class Classifier(pl.LightningModule):
     """
 
     def __init__(self, num_classes: int, lr: float, momentum: float, weight_decay: float, optimizer: str) -> None:
-        super().__init__()
-        check_optimizer_name(optimizer)
-        self.lr, self.momentum, self.weight_decay, self.optimizer_name = lr, momentum, weight_decay, optimizer
+        super().__init__(lr, momentum, weight_decay, optimizer)
         self.accuracy = nn.ModuleDict(
             {f"{split}_acc": MulticlassAccuracy(num_classes) for split in ("train", "val", "test")}
         )
-        self.net: nn.Module = nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
     def _shared_step(self, batch, split: str) -> torch.Tensor:
         x, y = batch
@@ -61,18 +74,6 @@ class Classifier(pl.LightningModule):
         self.log(f"{split}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=split != "test")
         self.log(f"{split}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=split != "train")
         return loss
-
-    def training_step(self, batch, batch_idx):
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._shared_step(batch, "test")
-
-    def configure_optimizers(self):
-        return build_optimizer(self, self.optimizer_name, self.lr, self.momentum, self.weight_decay)
 
 
 class MLPClassifier(Classifier):
@@ -293,7 +294,7 @@ class GPTLanguageModel(Classifier):
         return self.head(self.norm(hidden))
 
 
-class MLPAutoencoder(pl.LightningModule):
+class MLPAutoencoder(Trainable):
     """Deep fully connected autoencoder (ReLU) trained on MSE reconstruction: a regression loss.
 
     Batches are (x, label); the label is ignored. ``test_mse`` is logged per split.
@@ -308,10 +309,8 @@ class MLPAutoencoder(pl.LightningModule):
         weight_decay: float = 0.0,
         optimizer: str = "sgd",
     ) -> None:
-        super().__init__()
-        check_optimizer_name(optimizer)
+        super().__init__(lr, momentum, weight_decay, optimizer)
         self.save_hyperparameters()
-        self.lr, self.momentum, self.weight_decay, self.optimizer_name = lr, momentum, weight_decay, optimizer
         widths = [in_features, *hidden]
         layers: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:]):
@@ -319,23 +318,8 @@ class MLPAutoencoder(pl.LightningModule):
         layers.append(nn.Linear(widths[-1], in_features))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
     def _shared_step(self, batch, split: str) -> torch.Tensor:
         x = batch[0]
         loss = F.mse_loss(self(x), x)
         self.log(f"{split}_mse", loss, on_step=split == "train", on_epoch=True, prog_bar=True)
         return loss
-
-    def training_step(self, batch, batch_idx):
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._shared_step(batch, "test")
-
-    def configure_optimizers(self):
-        return build_optimizer(self, self.optimizer_name, self.lr, self.momentum, self.weight_decay)
