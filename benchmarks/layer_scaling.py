@@ -15,6 +15,7 @@ from lightning_lrkfac import LowRankKFAC
 from lightning_lrkfac.layers import KFACLayer
 
 from .common import RESULTS, device_record, median_seconds, pyplot, write_json
+from .dense_kfac import import_asdl
 
 
 def state_bytes(layer: KFACLayer) -> int:
@@ -56,12 +57,7 @@ def asdl_seconds(dim: int, batch: int, device: torch.device, repeats: int) -> fl
     """asdl's dense K-FAC (KfacGradientMaker, curvature and inverse every step) on the same layer:
     its forward_and_backward time minus a plain forward/backward, median of repeats."""
     try:
-        import warnings
-
-        torch.cuda.nvtx.range = _NoNvtx if device.type != "cuda" else torch.cuda.nvtx.range
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import asdl
+        asdl = import_asdl()
     except ImportError:
         return None
     model = torch.nn.Sequential(torch.nn.Linear(dim, dim, bias=False)).to(device)
@@ -79,22 +75,6 @@ def asdl_seconds(dim: int, batch: int, device: torch.device, repeats: int) -> fl
         torch.nn.functional.cross_entropy(model(x), y).backward()
 
     return max(median_seconds(kfac_step, device, repeats) - median_seconds(plain_step, device, repeats), 0.0)
-
-
-class _NoNvtx:
-    """asdl wraps its calls in torch.cuda.nvtx.range, which raises on CPU-only torch builds."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return False
-
-    def __call__(self, function):
-        return function
 
 
 def main() -> None:
