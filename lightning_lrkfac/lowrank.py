@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .linalg import nystrom_eigh, random_orthonormal, symmetric_eigh_desc
-from .preconditioner import DiagPlusLowRankInverse, eig_inverse_left, eig_inverse_right
+from .preconditioner import DiagPlusLowRankInverse, apply_eigen_inverse_right, eigen_inverse_coefficients
 
 
 def add_scaled(target: Tensor, value: Tensor, weight: float | Tensor) -> None:
@@ -175,13 +175,13 @@ class KroneckerFactor(ABC):
         """Fix δ and precompute what applying (F̃ + δI)⁻¹ needs; called after each refresh, not per step."""
         self.inverse_damping = damping.to(self.dtype)
 
+    @abstractmethod
     def inverse_right(self, matrix: Tensor) -> Tensor:
         """X ↦ X (F̃ + δI)⁻¹ with F̃ the approximation and δ the damping of the last :meth:`prepare_inverse`."""
-        return eig_inverse_right(matrix, self.eigenvectors, self.eigenvalues, self.inverse_damping, self.tail)
 
+    @abstractmethod
     def inverse_left(self, matrix: Tensor) -> Tensor:
         """X ↦ (F̃ + δI)⁻¹ X."""
-        return eig_inverse_left(matrix, self.eigenvectors, self.eigenvalues, self.inverse_damping, self.tail)
 
     def discard_pending(self) -> None:
         """Drop the pending statistics (a step that is skipped leaves no trace)."""
@@ -223,7 +223,39 @@ class KroneckerFactor(ABC):
         self.refreshed = bool(state["refreshed"])
 
 
-class DenseFactor(KroneckerFactor):
+class EigenInverse:
+    """(U diag(λ) Uᵀ [+ σ(I − UUᵀ)] + δI)⁻¹ of a factor kept as eigenpairs, prepared once per refresh.
+
+    The prepared coefficients c and scale s (X ↦ s·X + (XU ∘ c)Uᵀ) are tensors, so checkpoints
+    carry them; s is also kept as a number (read once per preparation: one host sync per
+    refresh, none per step) so that one addmm writes the result.
+    """
+
+    eigenvectors: Tensor
+    eigenvalues: Tensor
+    inverse_damping: Tensor
+    inverse_coefficients: Tensor
+    inverse_tail_scale: Tensor
+    tail: Tensor | None
+    _tail_scale: float = 0.0
+
+    def _prepare_eigen_inverse(self) -> None:
+        complete = self.eigenvectors.shape[-1] == self.eigenvectors.shape[-2]
+        coefficients, tail_scale = eigen_inverse_coefficients(
+            self.eigenvalues, self.inverse_damping, self.tail, complete
+        )
+        self.inverse_coefficients.copy_(coefficients.reshape(self.inverse_coefficients.shape))
+        self.inverse_tail_scale.copy_(tail_scale.reshape(self.inverse_tail_scale.shape))
+        self._tail_scale = 0.0 if complete else float(tail_scale)
+
+    def inverse_right(self, matrix: Tensor) -> Tensor:
+        return apply_eigen_inverse_right(matrix, self.eigenvectors, self.inverse_coefficients, self._tail_scale)
+
+    def inverse_left(self, matrix: Tensor) -> Tensor:
+        return self.inverse_right(matrix.mT).mT
+
+
+class DenseFactor(EigenInverse, KroneckerFactor):
     """Exact mode: the d×d running average itself, eigendecomposed at each refresh.
 
     ``groups`` > 1 keeps that many independent blocks at once (a grouped convolution): rows
@@ -242,6 +274,9 @@ class DenseFactor(KroneckerFactor):
         self.pending_matrix = torch.zeros_like(self.matrix)
         self.eigenvectors = torch.eye(dim, device=device, dtype=dtype).expand(*lead, dim, dim).contiguous()
         self.eigenvalues = torch.zeros(*lead, dim, device=device, dtype=dtype)
+        # 1/(λ+δ) per block, shaped to broadcast over the rows of a (groups, rows, d) batch.
+        self.inverse_coefficients = torch.zeros(*lead, *((1,) if groups > 1 else ()), dim, device=device, dtype=dtype)
+        self.inverse_tail_scale = torch.zeros_like(self.trace)
 
     implicit_ones_column = True
 
@@ -269,15 +304,9 @@ class DenseFactor(KroneckerFactor):
         self.eigenvalues, self.eigenvectors = values.clamp_min(0.0), vectors
         self.refreshed = True
 
-    def inverse_right(self, matrix: Tensor) -> Tensor:
-        if self.groups == 1:
-            return super().inverse_right(matrix)
-        # X_g ↦ X_g (F_g + δ_g I)⁻¹ for every group g; X is (groups, rows, d).
-        scale = 1.0 / (self.eigenvalues + self.inverse_damping[:, None])
-        return ((matrix @ self.eigenvectors) * scale[:, None, :]) @ self.eigenvectors.mT
-
-    def inverse_left(self, matrix: Tensor) -> Tensor:
-        return super().inverse_left(matrix) if self.groups == 1 else self.inverse_right(matrix.mT).mT
+    def prepare_inverse(self, damping: Tensor) -> None:
+        super().prepare_inverse(damping)
+        self._prepare_eigen_inverse()  # X_g ↦ X_g (F_g + δ_g I)⁻¹, batched over the groups
 
     def captured_trace(self) -> Tensor:
         return torch.ones((), device=self.device, dtype=self.dtype)
@@ -404,7 +433,7 @@ class SketchedFactor(KroneckerFactor):
         return float(self.dim) * self.test.shape[1] ** 2, self.rank
 
 
-class LowRankFactor(SketchedFactor):
+class LowRankFactor(EigenInverse, SketchedFactor):
     """A ≈ U Λ Uᵀ (top-k eigenpairs), optionally + σ(I − UUᵀ) for the dropped tail of the trace."""
 
     def __init__(
@@ -420,6 +449,16 @@ class LowRankFactor(SketchedFactor):
         super().__init__(dim, rank, oversampling, generator, device, dtype)
         self.isotropic_tail = isotropic_tail
         self.tail = torch.zeros((), device=device, dtype=dtype)
+        self.inverse_coefficients = torch.zeros(rank, device=device, dtype=dtype)
+        self.inverse_tail_scale = torch.zeros((), device=device, dtype=dtype)
+
+    def prepare_inverse(self, damping: Tensor) -> None:
+        super().prepare_inverse(damping)
+        self._prepare_eigen_inverse()
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        super().load_state_dict(state)
+        self._tail_scale = float(self.inverse_tail_scale)  # the prepared inverse, as saved
 
     def refresh(self) -> None:
         vectors, values = nystrom_eigh(self.test, self.sketch)
@@ -465,17 +504,21 @@ class DiagPlusLowRankFactor(SketchedFactor):
         # so that checkpoints carry it exactly.
         self.inverse_diag = torch.zeros(dim, device=device, dtype=dtype)
         self.inverse_core = torch.zeros(rank, rank, device=device, dtype=dtype)
+        self.inverse_scaled_basis = torch.zeros(dim, rank, device=device, dtype=dtype)
 
     def prepare_inverse(self, damping: Tensor) -> None:
         """Build the SPD-guarded Woodbury operator at the current diag B, once per refresh; repairs are counted."""
         super().prepare_inverse(damping)
         inverse = DiagPlusLowRankInverse.build(self.diag, self.eigenvectors, self.eigenvalues, self.inverse_damping)
         self.inverse_diag, self.inverse_core = inverse.inverse_diag, inverse.core
+        self.inverse_scaled_basis = inverse.scaled_basis
         self.repairs += inverse.repaired
 
     def inverse_left(self, matrix: Tensor) -> Tensor:
         """(diag B + δI + V M Vᵀ)⁻¹ X by Woodbury, as prepared at the last refresh."""
-        return DiagPlusLowRankInverse(self.eigenvectors, self.inverse_core, self.inverse_diag).apply_left(matrix)
+        return DiagPlusLowRankInverse(self.inverse_scaled_basis, self.inverse_core, self.inverse_diag).apply_left(
+            matrix
+        )
 
     def inverse_right(self, matrix: Tensor) -> Tensor:
         return self.inverse_left(matrix.mT).mT

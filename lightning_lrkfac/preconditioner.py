@@ -29,21 +29,42 @@ def pi_damping(damping: float, trace_a: Tensor, dim_a: int, trace_b: Tensor, dim
     return (root * pi).clamp_min(MIN_DAMPING), (root / pi).clamp_min(MIN_DAMPING)
 
 
+def eigen_inverse_coefficients(
+    values: Tensor, damping: Tensor, tail: Tensor | None = None, complete: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(c, s) such that (U diag(λ) Uᵀ + σ(I − UUᵀ) + δI)⁻¹ X = s·X + (XU ∘ c)Uᵀ, U with orthonormal columns.
+
+    c = 1/(λ+δ) − 1/(σ+δ) and s = 1/(σ+δ); with a square U (``complete``, exact mode) there is no
+    rest: c = 1/(λ+δ), s = 0. ``damping`` may carry leading (group) dims, one δ per block.
+    Computed once per refresh, so a step applies the inverse without these small kernels.
+    """
+    shift = damping[..., None]
+    if complete:
+        return 1.0 / (values + shift), torch.zeros_like(damping)
+    tail_value = torch.zeros_like(damping) if tail is None else tail
+    tail_scale = 1.0 / (tail_value + damping)
+    return 1.0 / (values + shift) - tail_scale[..., None], tail_scale
+
+
+def apply_eigen_inverse_right(matrix: Tensor, vectors: Tensor, coefficients: Tensor, tail_scale: float) -> Tensor:
+    """X ↦ s·X + (XU ∘ c)Uᵀ (see :func:`eigen_inverse_coefficients`): one pass that writes the result.
+
+    ``tail_scale`` is a number (read once when the inverse is prepared), so that addmm scales X
+    itself; a square U has no rest. Costs O(rows·d·k).
+    """
+    projected = (matrix @ vectors) * coefficients
+    if vectors.shape[-1] == vectors.shape[-2]:
+        return projected @ vectors.mT
+    return torch.addmm(matrix, projected, vectors.mT, beta=tail_scale)
+
+
 def eig_inverse_right(
     matrix: Tensor, vectors: Tensor, values: Tensor, damping: Tensor, tail: Tensor | None = None
 ) -> Tensor:
-    """X ↦ X (U diag(λ) Uᵀ + σ(I − UUᵀ) + δI)⁻¹ for U with orthonormal columns.
-
-    With a square U (exact mode) the tail term is absent. Costs O(rows·d·k).
-    """
-    projected = matrix @ vectors
-    if vectors.shape[0] == vectors.shape[1]:
-        return (projected / (values + damping)) @ vectors.mT
-    tail_value = torch.zeros_like(damping) if tail is None else tail
-    tail_inverse = 1.0 / (tail_value + damping)
-    # X/(σ+δ) + XU(diag(1/(λ+δ)) − 1/(σ+δ))Uᵀ, written as one addmm then one scaling pass.
-    correction = projected * ((tail_value + damping) / (values + damping) - 1.0)
-    return torch.addmm(matrix, correction, vectors.mT).mul_(tail_inverse)
+    """X ↦ X (U diag(λ) Uᵀ + σ(I − UUᵀ) + δI)⁻¹ in one call (prepares and applies; for one-off use)."""
+    complete = vectors.shape[-1] == vectors.shape[-2]
+    coefficients, tail_scale = eigen_inverse_coefficients(values, damping, tail, complete)
+    return apply_eigen_inverse_right(matrix, vectors, coefficients, float(tail_scale))
 
 
 def eig_inverse_left(
@@ -64,7 +85,7 @@ class DiagPlusLowRankInverse:
     Then (…)⁻¹ X = E⁻¹X − E⁻¹V K Vᵀ E⁻¹ X with K = W^-½ (I − Z Ω⁻¹ Zᵀ) W^-½.
     """
 
-    basis: Tensor  # V, d×k
+    scaled_basis: Tensor  # E⁻¹V, d×k
     core: Tensor  # K, k×k
     inverse_diag: Tensor  # E⁻¹, d
     repaired: Tensor | None = None  # whitened eigenvalues raised by build() (0-dim); None when not built here
@@ -86,17 +107,12 @@ class DiagPlusLowRankInverse:
         repaired = (omega < floor).sum()
         omega = torch.maximum(omega, floor)
         core = inverse_root @ (identity - (z / omega) @ z.mT) @ inverse_root
-        return cls(basis, core, inverse_diag, repaired)
+        return cls(scaled_basis, core, inverse_diag, repaired)
 
     def apply_left(self, matrix: Tensor) -> Tensor:
-        """(D + δI + V M Vᵀ)⁻¹ X for X with d rows; O(d·cols·k)."""
-        scaled_basis = self.basis * self.inverse_diag[:, None]  # E⁻¹V: O(d·k), cheaper than keeping it
-        return torch.addmm(
-            matrix * self.inverse_diag[:, None],
-            scaled_basis,
-            self.core @ (scaled_basis.mT @ matrix),
-            alpha=-1.0,
-        )
+        """(D + δI + V M Vᵀ)⁻¹ X for X with d rows; O(d·cols·k): one scaling pass, then one in-place addmm."""
+        correction = self.core @ (self.scaled_basis.mT @ matrix)
+        return (matrix * self.inverse_diag[:, None]).addmm_(self.scaled_basis, correction, alpha=-1.0)
 
 
 def kl_clip_scale(kl_clip: float, learning_rate: float, vg_sum: Tensor) -> Tensor:
