@@ -415,9 +415,7 @@ class LowRankKFAC:
             )
             scale = kl_clip_scale(kl_clip, 1.0, budget)
         for index, _, naturals in work:
-            if scale is not None:
-                naturals = [natural * scale for natural in naturals]
-            self.layers[index].write_grads(naturals[0], naturals[1] if len(naturals) > 1 else None)
+            self.layers[index].write_grads(naturals[0], naturals[1] if len(naturals) > 1 else None, scale)
 
     @staticmethod
     def _kl_term(

@@ -18,6 +18,16 @@ if TYPE_CHECKING:
     from ..step_rules import Bases, RowPairing, StepRule
 
 
+def write_scaled(target: Tensor, source: Tensor, scale: Tensor | None) -> None:
+    """target ← source (· scale): one pass, in the target's dtype."""
+    if scale is None:
+        target.copy_(source)
+    elif target.dtype == torch.promote_types(source.dtype, scale.dtype):
+        torch.mul(source, scale, out=target)
+    else:  # e.g. float32 factors writing into a bfloat16 gradient
+        target.copy_(source).mul_(scale)
+
+
 def concat(rows: list[Tensor]) -> Tensor:
     """The rows of every call stacked (rows are the second-to-last dim); no copy for the usual single call."""
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=-2)
@@ -242,14 +252,18 @@ class KFACLayer(ABC):
             return None
         return self.bias_grad().reshape(*self.blocks, self.out_dim, 1)
 
-    def write_grads(self, matrix: Tensor, bias_column: Tensor | None) -> None:
-        """Copy a preconditioned gradient matrix (and separate bias column) back into .grad."""
+    def write_grads(self, matrix: Tensor, bias_column: Tensor | None, scale: Tensor | None = None) -> None:
+        """Write a preconditioned gradient matrix (and separate bias column), times ``scale`` if given, into .grad.
+
+        One pass per tensor: the KL clip's scale is applied while writing, not as a pass of its own.
+        """
         weight_grad = self.weight_grad()
-        weight_grad.copy_(matrix[..., : self.in_dim - int(self.augment)].reshape_as(weight_grad))
+        columns = self.in_dim - int(self.augment)
+        write_scaled(weight_grad.view(*self.blocks, self.out_dim, columns), matrix[..., :columns], scale)
         if self.augment and self.bias_grad() is not None:
-            self.bias_grad().copy_(matrix[..., -1].reshape(-1))
+            write_scaled(self.bias_grad().view(*self.blocks, self.out_dim), matrix[..., -1], scale)
         elif bias_column is not None:
-            self.bias_grad().copy_(bias_column.reshape(-1))
+            write_scaled(self.bias_grad().view(*self.blocks, self.out_dim), bias_column[..., 0], scale)
 
     def split_inner_product(self, naturals: list[Tensor], grads: list[Tensor]) -> tuple[Tensor, Tensor | None]:
         """(⟨P, G⟩ over the weight, ⟨P, G⟩ over the bias or None): the KL clip weighs each by its own lr."""

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..lowrank import DiagonalFactor, KroneckerFactor
-from .base import KFACLayer
+from .base import KFACLayer, write_scaled
 
 if TYPE_CHECKING:
     from ..options import KFACOptions
@@ -82,5 +82,5 @@ class EmbeddingLayer(KFACLayer):
         weight_grad = self.weight.grad
         return None if weight_grad is None else weight_grad.mT
 
-    def write_grads(self, matrix: Tensor, bias_column: Tensor | None) -> None:
-        self.weight.grad.copy_(matrix.mT)
+    def write_grads(self, matrix: Tensor, bias_column: Tensor | None, scale: Tensor | None = None) -> None:
+        write_scaled(self.weight.grad, matrix.mT, scale)
