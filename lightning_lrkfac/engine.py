@@ -272,7 +272,7 @@ class LowRankKFAC:
             self.prepare_inverses(damping)
         applied = step >= options.warmup_steps and any(layer.ready for layer in self.layers)
         if applied:
-            self.precondition(None if kl_clip is None else self._learning_rates(lr), kl_clip)
+            self.precondition(None if kl_clip is None else self._learning_rates(lr), kl_clip, grads_finite)
         self._end_step(started, applied, damping)
 
     def _end_step(self, started: float, preconditioned: bool, damping: float) -> None:
@@ -385,12 +385,15 @@ class LowRankKFAC:
         value = 0.0 if lr is None else float(lr)
         return lambda parameter: value
 
-    def precondition(self, learning_rate: Callable[[Tensor], float] | None, kl_clip: float | None) -> None:
+    def precondition(
+        self, learning_rate: Callable[[Tensor], float] | None, kl_clip: float | None, grads_finite: Tensor | None = None
+    ) -> None:
         """Replace each handled gradient by (B + δ_B)⁻¹ G (A + δ_A)⁻¹, then apply the optional KL clip
         (``learning_rate`` maps a parameter to its rate; needed only with the clip).
 
         Under layerwise work each owner computes its layers' directions and broadcasts them;
         the KL clip then sums over all layers on every rank, so every rank takes the same step.
+        ``grads_finite`` (AMP) False: rules that keep moments (SOAP) leave them unchanged.
         """
         work: list[tuple[int, list[Tensor], list[Tensor]]] = []
         for index, layer in enumerate(self.layers):
@@ -400,7 +403,7 @@ class LowRankKFAC:
             bias = layer.separate_bias_grad()
             grads = [grad.to(layer.dtype)] + ([] if bias is None else [bias.to(layer.dtype)])
             if self.owns(index):
-                naturals = self.rules[index].precondition(grads, self._prepared_damping)
+                naturals = self.rules[index].precondition(grads, self._prepared_damping, grads_finite)
             else:
                 naturals = [torch.empty_like(g) for g in grads]
             work.append((index, grads, naturals))

@@ -139,7 +139,9 @@ class StepRule:
     def rebase(self) -> None:
         """The layer's factors were refreshed (and its inverses prepared): take the new bases."""
 
-    def precondition(self, grads: list[Tensor], damping: float) -> list[Tensor]:
+    def precondition(self, grads: list[Tensor], damping: float, finite: Tensor | None = None) -> list[Tensor]:
+        """The step for this layer's gradient blocks. ``finite`` (a bool tensor, under AMP) is False when the
+        scaler will skip this step: a rule that keeps moments must then leave them unchanged."""
         return self.layer.precondition(grads)
 
     def accumulate_rows(self, b_rows: Tensor, pairing: RowPairing, weight: float | Tensor) -> None:
@@ -246,8 +248,8 @@ class EKFACRule(StatefulRule):
         carried, covered = new.transport(previous, self.scaling)
         self.scaling.copy_(carried + (1.0 - covered) * kronecker)
 
-    def precondition(self, grads: list[Tensor], damping: float) -> list[Tensor]:
-        bases = self.bases
+    def precondition(self, grads: list[Tensor], damping: float, finite: Tensor | None = None) -> list[Tensor]:
+        bases = self.bases  # s changes only when statistics fold, which AMP's skipped steps never do
         core = bases.core(grads[0])
         rescaled = core / (self.scaling + damping)
         if bases.complete:
@@ -316,15 +318,21 @@ class EigenAdamRule(StatefulRule):
                 carried = carried + (1.0 - covered) * fresh.spread_diagonal(block.rest_second)
             block.core_second.copy_(carried)
 
-    def precondition(self, grads: list[Tensor], damping: float) -> list[Tensor]:
+    def precondition(self, grads: list[Tensor], damping: float, finite: Tensor | None = None) -> list[Tensor]:
+        moments = [self.updates, *(t for block in self.blocks for t in block.tensors("").values())]
+        previous = None if finite is None else [t.clone() for t in moments]
         self.updates += 1
         steps = self.updates.to(grads[0].dtype)
         first_correction = 1.0 - self.beta1**steps
         second_correction = 1.0 - self.beta2**steps
-        return [
+        directions = [
             self._adam(block, self._block_bases(index, self.bases), grad, first_correction, second_correction)
             for index, (block, grad) in enumerate(zip(self.blocks, grads))
         ]
+        if previous is not None:  # a step the AMP scaler skips leaves Adam's moments as they were (no host sync)
+            for tensor, old in zip(moments, previous):
+                tensor.copy_(torch.where(finite, tensor, old))
+        return directions
 
     def _adam(
         self, block: AdamMoments, bases: Bases, grad: Tensor, first_correction: Tensor, second_correction: Tensor

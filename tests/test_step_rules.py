@@ -1,15 +1,17 @@
 """EKFAC and SOAP (step_rule) against hand-written references: dense EKFAC, torch's Adam in rotated coordinates."""
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.plugins import MixedPrecision
 from torch import nn
 
-from lightning_lrkfac import LowRankKFAC
+from lightning_lrkfac import LowRankKFAC, LowRankKFACCallback
 from lightning_lrkfac.layers.conv import conv_patches
 from lightning_lrkfac.step_rules import Bases
 
-from .helpers import linear_io_grads
+from .helpers import DigitsModule, digits_loader, linear_io_grads, quiet_trainer
 
 DAMPING = 1e-2
 
@@ -319,3 +321,44 @@ def test_soap_asks_for_plain_sgd_and_no_kl_clip():
         with pytest.raises(ValueError, match="SGD with momentum=0"):
             kfac.check_optimizer(optimizer)
     kfac.check_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4))
+
+
+class PlainSGDDigits(DigitsModule):
+    """The digits module with SGD without momentum, as SOAP asks."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class InfGradAtStep(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == self.step:
+            pl_module.head.weight.grad[0, 0] = float("inf")
+
+
+class MomentSnapshots(pl.Callback):
+    def __init__(self, callback) -> None:
+        self.callback, self.states = callback, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        rules = self.callback.engine.rules
+        self.states.append([t.clone() for rule in rules for t in rule.state_tensors().values()])
+
+
+def test_soap_moments_survive_a_step_the_amp_scaler_skips():
+    """16-mixed with a real GradScaler and an inf gradient at step 1: the scaler skips the step, and SOAP's
+    moments (and its step count) stay exactly as they were; the next step changes them again."""
+    torch.manual_seed(0)
+    callback = LowRankKFACCallback(rank=8, step_rule="soap", kl_clip=None, log_stats=False)
+    snapshots = MomentSnapshots(callback)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = quiet_trainer(max_steps=3, plugins=[plugin], callbacks=[callback, InfGradAtStep(1), snapshots])
+    trainer.fit(PlainSGDDigits(lr=1e-3), digits_loader(limit=256))
+    assert trainer.precision_plugin.scaler.get_scale() == 2.0**15  # the scaler saw the inf and backed off
+    before, skipped, after = snapshots.states
+    assert all(torch.isfinite(t.float()).all() for t in after)
+    assert all(torch.equal(s, b) for s, b in zip(skipped, before))
+    assert not all(torch.equal(a, s) for a, s in zip(after, skipped))
