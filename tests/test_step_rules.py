@@ -362,3 +362,43 @@ def test_soap_moments_survive_a_step_the_amp_scaler_skips():
     assert all(torch.isfinite(t.float()).all() for t in after)
     assert all(torch.equal(s, b) for s, b in zip(skipped, before))
     assert not all(torch.equal(a, s) for a, s in zip(after, skipped))
+
+
+def _example_model(name: str):
+    from lightning_lrkfac.examples.models import (
+        CNNClassifier,
+        Conv1dClassifier,
+        DepthwiseCNNClassifier,
+        GPTLanguageModel,
+    )
+
+    if name == "depthwise-cnn":  # grouped convs: exact batched blocks
+        return DepthwiseCNNClassifier(), torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    if name == "gpt":  # embeddings (diagonal A) and Linears over sequences
+        return GPTLanguageModel(), torch.randint(0, 32, (4, 16)), torch.randint(0, 32, (4, 16))
+    if name == "conv1d":
+        return Conv1dClassifier(), torch.randn(4, 40), torch.randint(0, 10, (4,))
+    return CNNClassifier(), torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+
+
+@pytest.mark.parametrize("bias_mode", ["augment", "separate"])
+@pytest.mark.parametrize("step_rule", ["ekfac", "soap"])
+@pytest.mark.parametrize("name", ["depthwise-cnn", "gpt", "conv1d", "cnn"])
+def test_step_rules_run_on_every_layer_type(name, step_rule, bias_mode):
+    """Grouped convs, embeddings, Conv1d/2d and sequence Linears, through two refreshes: every handled
+    gradient is replaced by a finite direction that differs from the plain gradient."""
+    torch.manual_seed(0)
+    model, x, y = _example_model(name)
+    kl_clip = None if step_rule == "soap" else 1e-3
+    kfac = LowRankKFAC(
+        model, rank=8, step_rule=step_rule, kl_clip=kl_clip, basis_update_interval=2, bias_mode=bias_mode
+    )
+    for _ in range(5):
+        model.zero_grad()
+        logits = model(x)
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
+        plain = {layer.name: layer.weight.grad.clone() for layer in kfac.layers}
+        kfac.step(lr=0.01)
+    for layer in kfac.layers:
+        assert torch.isfinite(layer.weight.grad).all(), layer.name
+        assert not torch.allclose(layer.weight.grad, plain[layer.name]), layer.name
