@@ -339,16 +339,16 @@ class EigenAdamRule(StatefulRule):
     ) -> Tensor:
         beta1, beta2 = self.beta1, self.beta2
         block.first.lerp_(grad, 1.0 - beta1)
-        core_grad = bases.core(grad)
+        core_grad, core_first = bases.core(grad), bases.core(block.first)
         block.core_second.mul_(beta2).addcmul_(core_grad, core_grad, value=1.0 - beta2)
-        core_step = bases.core(block.first) / first_correction
-        core_step = core_step / ((block.core_second / second_correction).sqrt_().add_(self.eps))
+        core_denominator = (block.core_second / second_correction).sqrt_().add_(self.eps).mul_(first_correction)
+        core_step = core_first / core_denominator
         if block.rest_second is None:
             return bases.expand(core_step).contiguous()
         rest_grad = grad - bases.expand(core_grad)
         block.rest_second.mul_(beta2).addcmul_(rest_grad, rest_grad, value=1.0 - beta2)
-        rest_first = block.first - bases.expand(bases.core(block.first))
-        rest_step = (rest_first / first_correction).div_((block.rest_second / second_correction).sqrt_().add_(self.eps))
+        rest_denominator = (block.rest_second / second_correction).sqrt_().add_(self.eps).mul_(first_correction)
+        rest_step = (block.first - bases.expand(core_first)).div_(rest_denominator)
         return bases.add_expanded(rest_step, core_step - bases.core(rest_step)).contiguous()
 
     def state_tensors(self) -> dict[str, Tensor]:
