@@ -1,6 +1,6 @@
 """Run every benchmark: ``python -m benchmarks [--quick] [--only NAME ...]``, or the GPU check: ``--gpu``.
 
---quick (a few minutes on 2 CPU cores) shrinks sizes, grids and repeats; without it the
+--quick (about 40 minutes on 2 CPU cores) shrinks sizes, grids and repeats; without it the
 scripts run their full settings (meant for a GPU). Each writes JSON and PNG to
 benchmarks/results/ and prints its table. --gpu runs benchmarks/gpu.py: the CUDA tests and
 the GPU step-ratio and layer-scaling checks, into benchmarks/results/gpu/.
