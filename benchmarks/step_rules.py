@@ -219,9 +219,9 @@ def plot(tasks: list[Task], every_method: list[Method], curves: dict, name: str)
         for method in every_method:
             for seed, history in enumerate(curves[(task.name, method.name)]):
                 steps, seconds, value = zip(*history)
-                name = method.name if seed == 0 else None
-                axes[0, column].plot(steps, value, color=colors[method.name], alpha=0.7, label=name)
-                axes[1, column].plot(seconds, value, color=colors[method.name], alpha=0.7, label=name)
+                legend = method.name if seed == 0 else None
+                axes[0, column].plot(steps, value, color=colors[method.name], alpha=0.7, label=legend)
+                axes[1, column].plot(seconds, value, color=colors[method.name], alpha=0.7, label=legend)
         for row, xlabel in enumerate(("optimizer steps", "training seconds (wall)")):
             ax = axes[row, column]
             ax.axhline(task.shown(task.target), color="k", ls="--", lw=0.8)
