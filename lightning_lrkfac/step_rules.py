@@ -63,6 +63,11 @@ class Bases:
         rotated = core if self.right is None else core @ self.right.mT
         return self.left @ rotated
 
+    @property
+    def core_shape(self) -> tuple[int, ...]:
+        """Shape (…, k_B, k_A) of the rotated coordinates; k_A is A's dimension for the standard basis."""
+        return (*self.left.shape[:-2], self.left.shape[-1], self.right_values.shape[-1])
+
     def add_expanded(self, matrix: Tensor, core: Tensor) -> Tensor:
         """X + V C Uᵀ, written into X."""
         return matrix.add_(self.expand(core))
@@ -105,13 +110,6 @@ def layer_bases(layer: KFACLayer) -> Bases:
     return Bases(left.contiguous(), left_values.clamp_min(0.0), right, right_values)
 
 
-def core_shape(layer: KFACLayer) -> tuple[int, ...]:
-    """Shape of the rotated coordinates (…, k_B, k_A) of the layer's weight block."""
-    a_factor, b_factor = layer.factors
-    k_a = a_factor.dim if isinstance(a_factor, DiagonalFactor) else a_factor.eigenvectors.shape[-1]
-    return (*b_factor.eigenvectors.shape[:-2], b_factor.eigenvectors.shape[-1], k_a)
-
-
 def project_rows(rows: Tensor, basis: Tensor, ones_column: bool) -> Tensor:
     """rows @ U, or [rows 1] @ U without the ones column when the bias is augmented."""
     if not ones_column:
@@ -126,7 +124,6 @@ RowPairing = Callable[[Tensor], Tensor]
 class StepRule:
     """Plain K-FAC, (B + δ_B)⁻¹ G (A + δ_A)⁻¹, and the interface of the other rules (which keep state)."""
 
-    name = "kfac"
     #: Whether :meth:`accumulate_rows` wants per-example rows (paired A and B rows) at record time.
     wants_rows = False
     #: Micro-batches in the pending statistics.
@@ -207,14 +204,12 @@ class StatefulRule(StepRule):
 class EKFACRule(StatefulRule):
     """EKFAC on the kept core, C / (s + λ) with s the running E[(Vᵀ g_i U)²]; projected K-FAC on the rest."""
 
-    name = "ekfac"
     wants_rows = True
 
     def __init__(self, layer: KFACLayer) -> None:
         super().__init__(layer)
-        shape = core_shape(layer)
         reference = layer.factors[1].trace
-        self.scaling = torch.zeros(shape, dtype=reference.dtype, device=reference.device)
+        self.scaling = torch.zeros(self._stored_bases().core_shape, dtype=reference.dtype, device=reference.device)
         self.pending = torch.zeros_like(self.scaling)
         self.pending_count = 0
 
@@ -285,24 +280,20 @@ class AdamMoments:
 class EigenAdamRule(StatefulRule):
     """SOAP: Adam on the core in the rotated coordinates, Adam with its diagonal on the rest."""
 
-    name = "soap"
-
     def __init__(self, layer: KFACLayer, beta1: float, beta2: float, eps: float) -> None:
         super().__init__(layer)
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
-        template = layer_bases(layer)
-        reference = layer.factors[1].trace
-        weight_shape = torch.Size((*layer.blocks, layer.out_dim, layer.in_dim))
-        self.blocks = [AdamMoments(weight_shape, core_shape(layer), template.complete, reference)]
-        if layer.has_bias and not layer.augment:  # a separate bias: its A is 1, so U = None over one column
-            bias_core = (*layer.blocks, template.left.shape[-1], 1)
-            left_square = template.left.shape[-1] == template.left.shape[-2]
-            self.blocks.append(
-                AdamMoments(torch.Size((*layer.blocks, layer.out_dim, 1)), bias_core, left_square, reference)
-            )
+        reference, template = layer.factors[1].trace, self._stored_bases()  # the shapes of the bases
+        widths = [layer.in_dim] + ([1] if layer.has_bias and not layer.augment else [])  # a separate bias column
+        self.blocks = []
+        for index, width in enumerate(widths):
+            bases = self._block_bases(index, template)
+            shape = torch.Size((*layer.blocks, layer.out_dim, width))
+            self.blocks.append(AdamMoments(shape, bases.core_shape, bases.complete, reference))
         self.updates = torch.zeros((), dtype=torch.int64, device=reference.device)
 
     def _block_bases(self, index: int, bases: Bases) -> Bases:
+        """The weight block's bases, or for a separate bias (A = 1) V with the one-column standard basis."""
         if index == 0:
             return bases
         ones = torch.ones_like(bases.right_values[..., :1])
