@@ -58,22 +58,6 @@ def apply_eigen_inverse_right(matrix: Tensor, vectors: Tensor, coefficients: Ten
     return torch.addmm(matrix, projected, vectors.mT, beta=tail_scale)
 
 
-def eig_inverse_right(
-    matrix: Tensor, vectors: Tensor, values: Tensor, damping: Tensor, tail: Tensor | None = None
-) -> Tensor:
-    """X ↦ X (U diag(λ) Uᵀ + σ(I − UUᵀ) + δI)⁻¹ in one call (prepares and applies; for one-off use)."""
-    complete = vectors.shape[-1] == vectors.shape[-2]
-    coefficients, tail_scale = eigen_inverse_coefficients(values, damping, tail, complete)
-    return apply_eigen_inverse_right(matrix, vectors, coefficients, float(tail_scale))
-
-
-def eig_inverse_left(
-    matrix: Tensor, vectors: Tensor, values: Tensor, damping: Tensor, tail: Tensor | None = None
-) -> Tensor:
-    """X ↦ (U diag(λ) Uᵀ + σ(I − UUᵀ) + δI)⁻¹ X, the symmetric twin of :func:`eig_inverse_right`."""
-    return eig_inverse_right(matrix.mT, vectors, values, damping, tail).mT
-
-
 @dataclass
 class DiagPlusLowRankInverse:
     """(D + δI + V M Vᵀ)⁻¹ by Woodbury, guarded to stay symmetric positive definite.

@@ -6,8 +6,8 @@ import torch
 
 from lightning_lrkfac.preconditioner import (
     DiagPlusLowRankInverse,
-    eig_inverse_left,
-    eig_inverse_right,
+    apply_eigen_inverse_right,
+    eigen_inverse_coefficients,
     kl_clip_scale,
     pi_damping,
 )
@@ -82,10 +82,18 @@ def test_eig_inverse_with_isotropic_tail_matches_dense_solve():
         + damping * torch.eye(d, dtype=DT)
     )
     x = torch.randn(8, d, dtype=DT)
-    torch.testing.assert_close(eig_inverse_right(x, vectors, values, damping, tail), torch.linalg.solve(dense, x.T).T)
-    torch.testing.assert_close(eig_inverse_left(x.T, vectors, values, damping, tail), torch.linalg.solve(dense, x.T))
+
+    def inverse_right(vectors, values, tail=None):  # prepared once, then applied, as a factor does
+        coefficients, tail_scale = eigen_inverse_coefficients(
+            values, damping, tail, vectors.shape[0] == vectors.shape[1]
+        )
+        return apply_eigen_inverse_right(x, vectors, coefficients, float(tail_scale))
+
+    torch.testing.assert_close(inverse_right(vectors, values, tail), torch.linalg.solve(dense, x.T).T)
     no_tail = vectors @ torch.diag(values) @ vectors.T + damping * torch.eye(d, dtype=DT)
-    torch.testing.assert_close(eig_inverse_right(x, vectors, values, damping), torch.linalg.solve(no_tail, x.T).T)
+    torch.testing.assert_close(inverse_right(vectors, values), torch.linalg.solve(no_tail, x.T).T)
+    full_values, full_vectors = torch.linalg.eigh(dense)  # a complete basis (exact mode): no rest
+    torch.testing.assert_close(inverse_right(full_vectors, full_values - damping), torch.linalg.solve(dense, x.T).T)
 
 
 def test_pi_damping_balances_traces_and_falls_back_to_one():
