@@ -7,6 +7,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pytorch_lightning.plugins import MixedPrecision
 from sklearn.datasets import load_digits
 
 from lightning_lrkfac import LowRankKFAC
@@ -135,3 +136,24 @@ class GradRecorder(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+
+def with_ones(x: torch.Tensor) -> torch.Tensor:
+    """Rows with the ones column an augmented bias adds to A, on the rows' device."""
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+
+
+def fp16_plugin() -> MixedPrecision:
+    """16-mixed on the CPU with a real GradScaler."""
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+
+
+class InfGradAtStep(pl.Callback):
+    """Puts an inf into one parameter gradient at a given step (after our statistics are taken)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == self.step:
+            pl_module.head.weight.grad[0, 0] = float("inf")

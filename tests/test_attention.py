@@ -11,7 +11,7 @@ from pytorch_lightning.demos import Transformer
 
 from lightning_lrkfac import LowRankKFAC
 
-from .helpers import damped_natural, linear_io_grads
+from .helpers import damped_natural, linear_io_grads, with_ones
 
 E, HEADS, CLASSES = 6, 2, 3
 
@@ -68,7 +68,7 @@ def dense_reference(twin: TwinModel, x, memory, y, damping: float) -> dict[str, 
         a = inputs[name].reshape(-1, E)
         positions = a.shape[0]
         g = grads[name].reshape(positions, -1) * positions
-        a = torch.cat([a, torch.ones(positions, 1)], 1)
+        a = with_ones(a)
         gradient = torch.cat([params[2 * i], params[2 * i + 1][:, None]], 1)
         expected[name] = damped_natural(a.T @ a / positions, g.T @ g / positions, gradient, damping)
     return expected

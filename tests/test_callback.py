@@ -19,6 +19,7 @@ from .helpers import (
     digits_tensors,
     kfac_grads,
     quiet_trainer,
+    with_ones,
 )
 
 
@@ -39,7 +40,7 @@ def dense_kfac_augmented(model: nn.Sequential, x, y, damping):
     n = x.shape[0]
     out = []
     for m in linears:
-        a = torch.cat([inputs[m], torch.ones(n, 1, dtype=x.dtype)], 1)
+        a = with_ones(inputs[m])
         g = grads[m] * n
         A, B = a.T @ a / n, g.T @ g / n
         P = damped_natural(A, B, torch.cat([m.weight.grad, m.bias.grad[:, None]], 1), damping)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning_lrkfac import LowRankKFAC
 from lightning_lrkfac.examples.models import DepthwiseCNNClassifier
 
-from .helpers import damped_natural, kfac_grads
+from .helpers import damped_natural, kfac_grads, with_ones
 
 
 def naive_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,7 @@ def test_exact_mode_on_convolutions_matches_a_loop_built_dense_reference(case):
             a, b_rows = patches[:, g * width : (g + 1) * width], rows[:, g * out : (g + 1) * out]
             gradient = weight_grads[0][g * out : (g + 1) * out].reshape(out, -1)
             if conv.bias is not None:
-                a = torch.cat([a, torch.ones(a.shape[0], 1)], 1)
+                a = with_ones(a)
                 gradient = torch.cat([gradient, weight_grads[1][g * out : (g + 1) * out, None]], 1)
             # KFC (Grosse & Martens 2016; asdl's Conv2d convention): A averages over locations, B sums over them.
             A, B = a.T @ a / a.shape[0], b_rows.T @ b_rows / shape[0]

@@ -9,15 +9,11 @@ from torch import nn
 
 from lightning_lrkfac import LowRankKFAC, LowRankKFACCallback
 
-from .helpers import DigitsModule, damped_natural, digits_loader, digits_tensors, kfac_grads, linear_io_grads
+from .helpers import DigitsModule, damped_natural, digits_loader, digits_tensors, kfac_grads, linear_io_grads, with_ones
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 DAMPING = 1e-2
-
-
-def with_ones(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
 
 
 def test_exact_mode_on_cuda_matches_the_dense_float64_reference():

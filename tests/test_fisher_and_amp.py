@@ -10,11 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.plugins import MixedPrecision
 
 from lightning_lrkfac import LowRankKFAC, LowRankKFACCallback
 
-from .helpers import DigitsModule, damped_natural, digits_loader, kfac_grads, quiet_trainer
+from .helpers import DigitsModule, InfGradAtStep, damped_natural, digits_loader, fp16_plugin, kfac_grads, quiet_trainer
 
 
 def true_fisher_b(model: nn.Sequential, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -147,10 +146,6 @@ def test_layer_used_twice_gets_kfac_expand_statistics():
     torch.testing.assert_close(grads[3], expected[:, -1], rtol=1e-10, atol=1e-12)
 
 
-def fp16_plugin() -> MixedPrecision:
-    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
-
-
 def test_16_mixed_unscales_statistics_and_keeps_float32_factors():
     """With a loss scale of 2¹⁶ the factors must match a float32 run (to fp16 rounding), not be 2³² larger."""
     factors = {}
@@ -164,17 +159,6 @@ def test_16_mixed_unscales_statistics_and_keeps_float32_factors():
     for fp16, fp32 in zip(factors["fp16"], factors["fp32"]):
         assert fp16.dtype == torch.float32
         assert relative_error(fp16, fp32) < 2e-2
-
-
-class InfGradAtStep(pl.Callback):
-    """Puts an inf into one parameter gradient at a given step (after our statistics are taken)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_after_backward(self, trainer, pl_module):
-        if trainer.global_step == self.step:
-            pl_module.head.weight.grad[0, 0] = float("inf")
 
 
 class FactorSnapshots(pl.Callback):

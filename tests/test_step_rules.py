@@ -4,14 +4,21 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.plugins import MixedPrecision
 from torch import nn
 
 from lightning_lrkfac import LowRankKFAC, LowRankKFACCallback
 from lightning_lrkfac.layers.conv import conv_patches
 from lightning_lrkfac.step_rules import Bases
 
-from .helpers import DigitsModule, digits_loader, linear_io_grads, quiet_trainer
+from .helpers import (
+    DigitsModule,
+    InfGradAtStep,
+    digits_loader,
+    fp16_plugin,
+    linear_io_grads,
+    quiet_trainer,
+    with_ones,
+)
 
 DAMPING = 1e-2
 
@@ -24,10 +31,6 @@ def tiny_model() -> nn.Sequential:
 def batch(seed: int, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(n, 5, generator=generator, dtype=torch.float64), torch.randint(0, 3, (n,), generator=generator)
-
-
-def with_ones(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
 
 
 def reference_statistics(model, x, y):
@@ -330,15 +333,6 @@ class PlainSGDDigits(DigitsModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-class InfGradAtStep(pl.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_after_backward(self, trainer, pl_module):
-        if trainer.global_step == self.step:
-            pl_module.head.weight.grad[0, 0] = float("inf")
-
-
 class MomentSnapshots(pl.Callback):
     def __init__(self, callback) -> None:
         self.callback, self.states = callback, []
@@ -354,8 +348,7 @@ def test_soap_moments_survive_a_step_the_amp_scaler_skips():
     torch.manual_seed(0)
     callback = LowRankKFACCallback(rank=8, step_rule="soap", kl_clip=None, log_stats=False)
     snapshots = MomentSnapshots(callback)
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
-    trainer = quiet_trainer(max_steps=3, plugins=[plugin], callbacks=[callback, InfGradAtStep(1), snapshots])
+    trainer = quiet_trainer(max_steps=3, plugins=[fp16_plugin()], callbacks=[callback, InfGradAtStep(1), snapshots])
     trainer.fit(PlainSGDDigits(lr=1e-3), digits_loader(limit=256))
     assert trainer.precision_plugin.scaler.get_scale() == 2.0**15  # the scaler saw the inf and backed off
     before, skipped, after = snapshots.states

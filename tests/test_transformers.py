@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning_lrkfac import LowRankKFACCallback
 from lightning_lrkfac.examples.data import ArithmeticSequencesDataModule
 
-from .helpers import damped_natural, kfac_grads, linear_io_grads, plain_grads, quiet_trainer
+from .helpers import damped_natural, kfac_grads, linear_io_grads, plain_grads, quiet_trainer, with_ones
 
 
 class TinyEncoder(nn.Module):
@@ -43,7 +43,7 @@ def dense_reference(model: TinyEncoder, x, y, damping: float, sharing: str) -> d
             a, g = a.reshape(n * r, -1), g.reshape(n * r, -1)
         else:  # reduce: mean of inputs and sum of per-example gradients over the positions
             a, g = a.mean(1), (grads[name] * n).sum(1)
-        a = torch.cat([a, torch.ones(a.shape[0], 1)], 1)
+        a = with_ones(a)
         A, B = a.T @ a / a.shape[0], g.T @ g / g.shape[0]
         P = damped_natural(A, B, torch.cat([param_grads[2 * i], param_grads[2 * i + 1][:, None]], 1), damping)
         expected[f"{name}.weight"], expected[f"{name}.bias"] = P[:, :-1], P[:, -1]
