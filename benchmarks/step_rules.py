@@ -32,7 +32,7 @@ from lightning_lrkfac import LowRankKFACCallback
 from lightning_lrkfac.examples.models import MLPAutoencoder, MLPClassifier
 
 from .common import RESULTS, device_record, print_table, pyplot, write_json
-from .training import TargetTracker, accuracy, data_module, negative_mse, quiet_trainer, tensors
+from .training import TargetTracker, accuracy, data_module, label, negative_mse, quiet_trainer, tensors
 
 
 @dataclass(frozen=True)
@@ -125,10 +125,6 @@ def one_run(task: Task, method: Method, config: dict, seed: int, device: torch.d
         "seconds_per_step": statistics.median(tracker.seconds),
         "history": [(step, seconds, task.shown(value)) for step, seconds, value in tracker.history],
     }
-
-
-def label(config: dict) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in config.items())
 
 
 def summarize(task: Task, method: Method, config: dict, results: list[dict]) -> dict:

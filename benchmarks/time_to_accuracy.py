@@ -25,7 +25,7 @@ from lightning_lrkfac.examples.models import MLPClassifier
 
 from .common import RESULTS, device_record, print_table, pyplot, write_json
 from .dense_kfac import AsdlKFACClassifier
-from .training import TargetTracker, data_module, quiet_trainer, tensors
+from .training import TargetTracker, data_module, label, quiet_trainer, tensors
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,6 @@ def grids(quick: bool, task: Task) -> dict[str, list[dict]]:
     if task.dense_baseline:
         methods["asdl"] = curvature
     return methods
-
-
-def label(config: dict) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in config.items())
 
 
 def one_run(task: Task, method: str, config: dict, seed: int, device: torch.device) -> dict:

@@ -10,6 +10,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from lightning_lrkfac.examples.data import DigitsDataModule, MNIST1DDataModule
+
 
 class StepTimer(pl.Callback):
     """Wall time of each training step (forward, backward, callback work, optimizer), CUDA-synchronised."""
@@ -101,8 +103,6 @@ def tensors(dataset: torch.utils.data.TensorDataset) -> tuple[torch.Tensor, torc
 
 @functools.cache
 def _set_up(name: str, batch_size: int):
-    from lightning_lrkfac.examples.data import DigitsDataModule, MNIST1DDataModule
-
     module = DigitsDataModule(batch_size) if name == "digits" else MNIST1DDataModule(batch_size)
     module.setup("fit")  # mnist1d generation takes seconds: once per process
     return module
@@ -113,3 +113,8 @@ def data_module(name: str, batch_size: int, seed: int):
     module = _set_up(name, batch_size)
     module.seed = seed
     return module
+
+
+def label(config: dict) -> str:
+    """A grid point as text, e.g. ``lr=0.1, damping=0.01``."""
+    return ", ".join(f"{k}={v:g}" for k, v in config.items())
