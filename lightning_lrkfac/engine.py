@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .capture import ActivationCapture
 from .coverage import coverage_rows, format_coverage
 from .distributed import Communicator, balanced_owners
+from .fused import FusedKroneckerStep
 from .fisher import sampled_negative_log_likelihood
 from .layers import KFACLayer, select_layers
 from .lowrank import DiagPlusLowRankFactor, all_finite, check_tensors
@@ -395,10 +396,19 @@ class LowRankKFAC:
         the KL clip then sums over all layers on every rank, so every rank takes the same step.
         ``grads_finite`` (AMP) False: rules that keep moments (SOAP) leave them unchanged.
         """
+        layerwise = self.options.work_distribution == "layerwise" and self.comm.active
         work: list[tuple[int, list[Tensor], list[Tensor]]] = []
+        fused: list[tuple[KFACLayer, FusedKroneckerStep]] = []
         for index, layer in enumerate(self.layers):
+            if not layer.ready:  # no statistics yet (e.g. never called): plain gradient
+                continue
+            # Plain K-FAC on a low-rank layer: planned from small projections, written into .grad in place.
+            plan = None if layerwise else self.rules[index].fused_step(with_inner_products=kl_clip is not None)
+            if plan is not None:
+                fused.append((layer, plan))
+                continue
             grad = layer.grad_matrix()
-            if grad is None or not layer.ready:  # no statistics yet (e.g. never called): plain gradient
+            if grad is None:
                 continue
             bias = layer.separate_bias_grad()
             grads = [grad.to(layer.dtype)] + ([] if bias is None else [bias.to(layer.dtype)])
@@ -407,18 +417,27 @@ class LowRankKFAC:
             else:
                 naturals = [torch.empty_like(g) for g in grads]
             work.append((index, grads, naturals))
-        if self.options.work_distribution == "layerwise" and self.comm.active:
+        if layerwise:
             self.comm.broadcast_from_owners(
                 [naturals for _, _, naturals in work], [self.owners[index] for index, _, _ in work], kind="gradients"
             )
         scale = None
-        if kl_clip is not None and work:
+        if kl_clip is not None and (work or fused):
             budget = sum(
                 self._kl_term(self.layers[index], grads, naturals, learning_rate) for index, grads, naturals in work
-            )
+            ) + sum(self._fused_kl_term(layer, plan, learning_rate) for layer, plan in fused)
             scale = kl_clip_scale(kl_clip, 1.0, budget)
         for index, _, naturals in work:
             self.layers[index].write_grads(naturals[0], naturals[1] if len(naturals) > 1 else None, scale)
+        for _, plan in fused:
+            plan.apply(scale)
+
+    @staticmethod
+    def _fused_kl_term(layer: KFACLayer, plan: FusedKroneckerStep, learning_rate: Callable[[Tensor], float]) -> Tensor:
+        """η_w²⟨P_w, G_w⟩ (+ η_b²⟨P_b, G_b⟩ for the bias column), from the plan's per-block inner products."""
+        weight_term, *bias_term = plan.inner_products
+        total = learning_rate(layer.weight) ** 2 * weight_term
+        return total + learning_rate(layer.module.bias) ** 2 * bias_term[0] if bias_term else total
 
     @staticmethod
     def _kl_term(

@@ -248,6 +248,11 @@ class EigenInverse:
         self.inverse_tail_scale.copy_(tail_scale.reshape(self.inverse_tail_scale.shape))
         self._tail_scale = 0.0 if complete else float(tail_scale)
 
+    @property
+    def inverse_scale(self) -> float:
+        """s of the prepared inverse s·X + (XU ∘ c)Uᵀ: the scale of the part outside the kept eigenvectors."""
+        return self._tail_scale
+
     def inverse_right(self, matrix: Tensor) -> Tensor:
         return apply_eigen_inverse_right(matrix, self.eigenvectors, self.inverse_coefficients, self._tail_scale)
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from ..fused import FusedKroneckerStep
 from ..lowrank import DenseFactor, DiagPlusLowRankFactor, KroneckerFactor, LowRankFactor
 from ..preconditioner import pi_damping
 from ..step_rules import project_rows
@@ -163,6 +164,40 @@ class KFACLayer(ABC):
         if len(grads) > 1:
             naturals.append(b_factor.inverse_left(grads[1]))
         return [natural.contiguous() for natural in naturals]
+
+    def fused_step(self, with_inner_products: bool) -> FusedKroneckerStep | None:
+        """The natural gradient planned to be written into ``.grad`` in place (:mod:`..fused`), for a low-rank A
+        and a diagonal-plus-low-rank B; None where that does not apply (a dense or diagonal factor, blocks,
+        a separate bias block, a gradient in another dtype or layout, no gradient)."""
+        a_factor, b_factor = self.factors
+        weight_grad = self.weight_grad()
+        if (
+            self.blocks
+            or not isinstance(a_factor, LowRankFactor)
+            or not isinstance(b_factor, DiagPlusLowRankFactor)
+            or (self.has_bias and not self.augment)
+            or weight_grad is None
+            or weight_grad.dtype != self.dtype
+            or weight_grad.layout != torch.strided
+            or not weight_grad.is_contiguous()
+        ):
+            return None
+        columns = self.in_dim - int(self.augment)
+        blocks, bases = [weight_grad.view(self.out_dim, columns)], [a_factor.eigenvectors[:columns]]
+        bias_grad = self.bias_grad() if self.augment else None
+        if bias_grad is not None:  # the ones column of A: the bias gradient, written in place as well
+            blocks.append(bias_grad.view(self.out_dim, 1))
+            bases.append(a_factor.eigenvectors[columns:])
+        return FusedKroneckerStep.plan(
+            blocks,
+            bases,
+            a_factor.inverse_scale,
+            a_factor.inverse_coefficients,
+            b_factor.inverse_diag,
+            b_factor.inverse_scaled_basis,
+            b_factor.inverse_core,
+            with_inner_products,
+        )
 
     def work_cost(self) -> float:
         """Rough flops of one refresh plus one preconditioning of this layer (to balance ranks)."""
