@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from .capture import ActivationCapture
 from .coverage import coverage_rows, format_coverage
 from .distributed import Communicator, balanced_owners
-from .fused import FusedKroneckerStep
 from .fisher import sampled_negative_log_likelihood
+from .fused import FusedKroneckerStep
 from .layers import KFACLayer, select_layers
 from .lowrank import DiagPlusLowRankFactor, all_finite, check_tensors
 from .options import FACTOR_DTYPES, KFACOptions, args_docstring

@@ -44,8 +44,9 @@ def test_fused_step_equals_dense_inverses_and_the_literal_kl_clip(bias, isotropi
     if bias:
         groups.append({"params": [p for p in model.parameters() if p.dim() == 1], "lr": 0.3})
     optimizer = torch.optim.SGD(groups)
-    with LowRankKFAC(model, rank=5, isotropic_tail=isotropic_tail, kl_clip=kl_clip, damping=1e-2) as kfac:
-        for step in range(3):  # the third step preconditions with bases refreshed twice
+    options = {"rank": 5, "isotropic_tail": isotropic_tail, "kl_clip": kl_clip, "damping": 1e-2}
+    with LowRankKFAC(model, basis_update_interval=1, **options) as kfac:
+        for _ in range(3):  # the last step preconditions with bases refreshed three times
             model.zero_grad()
             F.cross_entropy(model(x), y).backward()
             plain = {id(p): p.grad.clone() for p in model.parameters()}
