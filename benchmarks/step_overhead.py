@@ -1,7 +1,8 @@
 """Trainer step time with the callback vs plain SGD on the same model and batches, side by side,
 next to what a flop model of the curvature work predicts; the difference is implementation overhead.
 
-Factors are updated every step and bases refreshed every 10 (the defaults), rank 32. Cases: the
+Every other option at its default (factors every step, bases every 10, the KL clip on); two ranks,
+the default (16) and 32, as separate arms of the same interleaved run. Cases: the
 tiny models of the configs (MLP on mnist1d, CNN on 8×8 digits, GPT width 64 on sequences), a
 depthwise-separable CNN, and realistic sizes on synthetic batches: an MLP of width 1024 at batch
 256, a CNN on 28×28 inputs at batch 128, a GPT of width 256 with 4,096 tokens per step; on a GPU
@@ -42,11 +43,13 @@ from lightning_lrkfac.examples.models import (
 )
 from lightning_lrkfac.layers import ConvLayer, EmbeddingLayer
 from lightning_lrkfac.lowrank import DenseFactor, DiagonalFactor, KroneckerFactor, LowRankFactor
+from lightning_lrkfac.options import KFACOptions
 
 from .common import RESULTS, device_record, print_table, pyplot, write_json
 from .training import StepTimer, quiet_trainer
 
-RANK, OVERSAMPLING, BASIS_INTERVAL = 32, 8, 10
+OVERSAMPLING, BASIS_INTERVAL = KFACOptions().oversampling, KFACOptions().basis_update_interval
+RANKS = (KFACOptions().rank, 32)
 
 
 def synthetic(batches: int, batch_size: int, shape: tuple[int, ...], classes: int, tokens: bool = False):
@@ -173,37 +176,41 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", nargs="*", help="case names to run (default: all)")
+    parser.add_argument("--ranks", nargs="+", type=int, default=list(RANKS), help="ranks to time (default: %(default)s)")
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = []
     for name, model_factory, data, options, steps in cases(device, args.quick):
         if args.only and name not in args.only:
             continue
-        # Interleave the two arms so that drifts in machine load hit both.
-        sgd, kfac = [], []
+        # Interleave the arms so that drifts in machine load hit all of them.
+        sgd: list[float] = []
+        kfac: dict[int, list[float]] = {rank: [] for rank in args.ranks}
+        callbacks: dict[int, LowRankKFACCallback] = {}
         for _ in range(2 if args.quick else 3):
             sgd.append(time_steps(model_factory, data, device, None, steps)[0])
-            seconds, callback = time_steps(
-                model_factory, data, device, LowRankKFACCallback(rank=RANK, log_stats=False, **options), steps
-            )
-            kfac.append(seconds)
-        model = callback.engine.model
-        row = {"model": name, "sgd_ms": 1e3 * statistics.median(sgd), "kfac_ms": 1e3 * statistics.median(kfac)}
-        row["ratio"] = row["kfac_ms"] / row["sgd_ms"]
-        row.update(flop_model(model, callback, data))
-        row["overhead"] = row["ratio"] - row["model_ratio"]
-        rows.append(row)
-        print_table([row], list(row))
+            for rank in args.ranks:
+                callback = LowRankKFACCallback(rank=rank, log_stats=False, **options)
+                kfac[rank].append(time_steps(model_factory, data, device, callback, steps)[0])
+                callbacks[rank] = callback
+        for rank in args.ranks:
+            row = {"model": name, "rank": rank, "sgd_ms": 1e3 * statistics.median(sgd)}
+            row["kfac_ms"] = 1e3 * statistics.median(kfac[rank])
+            row["ratio"] = row["kfac_ms"] / row["sgd_ms"]
+            row.update(flop_model(callbacks[rank].engine.model, callbacks[rank], data))
+            row["overhead"] = row["ratio"] - row["model_ratio"]
+            rows.append(row)
+            print_table([row], list(row))
     print("\nstep time (median over steps and repeats), flop-model ratio, and overhead = measured − model:")
     print_table(rows, list(rows[0]))
-    write_json("step_overhead", {**device_record(device), "rank": RANK, "quick": args.quick}, rows)
+    write_json("step_overhead", {**device_record(device), "ranks": args.ranks, "quick": args.quick}, rows)
     plt = pyplot()
     if plt is not None:
-        figure, ax = plt.subplots(figsize=(8, 3.8))
+        figure, ax = plt.subplots(figsize=(10, 3.8))
         positions = range(len(rows))
         ax.bar([p - 0.2 for p in positions], [r["ratio"] for r in rows], width=0.4, label="measured")
         ax.bar([p + 0.2 for p in positions], [r["model_ratio"] for r in rows], width=0.4, label="flop model")
-        ax.set_xticks(list(positions), [r["model"] for r in rows], rotation=30, ha="right")
+        ax.set_xticks(list(positions), [f"{r['model']} k={r['rank']}" for r in rows], rotation=30, ha="right")
         ax.set(ylabel="step time / SGD step time", title=f"callback step cost ({device_record(device)['device']})")
         ax.legend()
         figure.tight_layout()
