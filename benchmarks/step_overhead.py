@@ -176,7 +176,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", nargs="*", help="case names to run (default: all)")
-    parser.add_argument("--ranks", nargs="+", type=int, default=list(RANKS), help="ranks to time (default: %(default)s)")
+    parser.add_argument(
+        "--ranks", nargs="+", type=int, default=list(RANKS), help="ranks to time (default: %(default)s)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = []

@@ -403,7 +403,9 @@ class LowRankKFAC:
             if not layer.ready:  # no statistics yet (e.g. never called): plain gradient
                 continue
             # Plain K-FAC on a low-rank layer: planned from small projections, written into .grad in place.
-            plan = None if layerwise else self.rules[index].fused_step(with_inner_products=kl_clip is not None)
+            plan = (
+                None if layerwise else self.rules[index].fused_step(self._inner_products(layer, kl_clip, learning_rate))
+            )
             if plan is not None:
                 fused.append((layer, plan))
                 continue
@@ -433,8 +435,19 @@ class LowRankKFAC:
             plan.apply(scale)
 
     @staticmethod
+    def _inner_products(
+        layer: KFACLayer, kl_clip: float | None, learning_rate: Callable[[Tensor], float] | None
+    ) -> str:
+        """What the KL clip needs of a fused layer: nothing, one ⟨N, G⟩, or the weight's and bias's apart (own rates)."""
+        if kl_clip is None:
+            return "none"
+        if layer.has_bias and learning_rate(layer.module.bias) != learning_rate(layer.weight):
+            return "split"
+        return "total"
+
+    @staticmethod
     def _fused_kl_term(layer: KFACLayer, plan: FusedKroneckerStep, learning_rate: Callable[[Tensor], float]) -> Tensor:
-        """η_w²⟨P_w, G_w⟩ (+ η_b²⟨P_b, G_b⟩ for the bias column), from the plan's per-block inner products."""
+        """η_w²⟨P_w, G_w⟩ + η_b²⟨P_b, G_b⟩ from the plan's inner products (one sum when the rates agree)."""
         weight_term, *bias_term = plan.inner_products
         total = learning_rate(layer.weight) ** 2 * weight_term
         return total + learning_rate(layer.module.bias) ** 2 * bias_term[0] if bias_term else total

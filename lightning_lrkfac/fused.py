@@ -25,57 +25,77 @@ from torch import Tensor
 
 @dataclass
 class FusedKroneckerStep:
-    """One layer's natural gradient, planned from small projections and written into its gradient blocks."""
+    """One layer's natural gradient, planned from small projections and written into its gradient in place."""
 
-    blocks: list[Tensor]  # column blocks of G (out × in_c), views of .grad: overwritten by apply()
+    weight: Tensor  # G's weight columns (out × in), a view of .grad: overwritten by apply()
+    bias: Tensor | None  # the augmented bias column (out,), a view of the bias's .grad, or None
     row_scale: Tensor  # s·e (out,)
     left: Tensor  # L, out × (k_A + k_B)
-    rights: list[Tensor]  # R's columns of each block, (k_A + k_B) × in_c
-    inner_products: list[Tensor] | None  # ⟨N_c, G_c⟩ per block; None when not asked for
+    right: Tensor  # R, (k_A + k_B) × in'
+    #: ⟨N, G⟩ as [total] or, split, as [weight part, bias part]; None when not asked for.
+    inner_products: list[Tensor] | None
 
     @classmethod
     def plan(
         cls,
-        blocks: list[Tensor],
-        right_bases: list[Tensor],
+        weight: Tensor,
+        bias: Tensor | None,
+        basis: Tensor,
         tail_scale: float,
         coefficients: Tensor,
         inverse_diag: Tensor,
         scaled_basis: Tensor,
         core: Tensor,
-        with_inner_products: bool,
+        inner_products: str = "none",
     ) -> FusedKroneckerStep:
-        """Read each block for P and Q (twice more for the inner products); nothing is written yet.
+        """Read G for P and Q (once more for the inner products); nothing is written yet.
 
-        ``right_bases[c]`` are the rows of U that block c multiplies; (``tail_scale``, ``coefficients``)
-        = (s, c) of A's inverse; (``inverse_diag``, ``scaled_basis``, ``core``) = (e, W, K) of B's.
+        ``basis`` is U (in' × k_A, its last row the bias column's when ``bias`` is given); (``tail_scale``,
+        ``coefficients``) = (s, c) of A's inverse; (``inverse_diag``, ``scaled_basis``, ``core``) = (e, W, K)
+        of B's. ``inner_products``: "none", "total" (one ⟨N, G⟩) or "split" (the weight's and the bias's).
         """
-        partial_projections = [block @ basis for block, basis in zip(blocks, right_bases)]
-        projected = partial_projections[0]
-        for more in partial_projections[1:]:
-            projected = projected + more
-        left_projections = [scaled_basis.mT @ block for block in blocks]  # Q_c = Wᵀ G_c
-        both = scaled_basis.mT @ projected  # S = Wᵀ P
-        both_scaled = both * coefficients
-        left = torch.cat([(projected * coefficients) * inverse_diag[:, None], scaled_basis], dim=1)
-        rights = [
-            torch.cat([basis.mT, -(core @ (tail_scale * q + both_scaled @ basis.mT))])
-            for basis, q in zip(right_bases, left_projections)
-        ]
-        inner_products = None
-        if with_inner_products:  # ⟨[A₁|W][Uᵀ; R₂], G⟩ = ⟨A₁, GU⟩ + ⟨R₂, WᵀG⟩: only the row norms read G again
-            scaled_projections = left[:, : projected.shape[1]]
-            inner_products = [
-                tail_scale * (inverse_diag * torch.linalg.vector_norm(block, dim=1).square()).sum()
-                + (scaled_projections * part).sum()
-                + (right[projected.shape[1] :] * q).sum()
-                for block, part, q, right in zip(blocks, partial_projections, left_projections, rights)
-            ]
-        return cls(blocks, tail_scale * inverse_diag, left, rights, inner_products)
+        columns = weight.shape[1]
+        basis = basis[: columns + int(bias is not None)]  # an augmented bias without a gradient: its column is 0
+        projected = weight @ basis[:columns]  # P = G U
+        projections = torch.mm(scaled_basis.mT, weight)  # Q = Wᵀ G
+        bias_projected = None
+        if bias is not None:
+            bias_projected = torch.outer(bias, basis[columns])
+            projected = projected + bias_projected
+            projections = torch.cat([projections, (scaled_basis.mT @ bias)[:, None]], dim=1)
+        both_scaled = (scaled_basis.mT @ projected) * coefficients  # S diag(c)
+        scaled_projections = projected * coefficients * inverse_diag[:, None]  # L₁ = diag(e) P diag(c)
+        rest = torch.addmm(projections, both_scaled, basis.mT, beta=tail_scale)  # s·Q + S diag(c) Uᵀ
+        rest = torch.mm(core, rest).neg_()  # R₂
+        left = torch.cat([scaled_projections, scaled_basis], dim=1)
+        right = torch.cat([basis.mT, rest])
+        products = None
+        if inner_products != "none":  # ⟨[L₁|W][Uᵀ; R₂], G⟩ = ⟨L₁, P⟩ + ⟨R₂, Q⟩: only the row norms read G again
+            weight_rows = torch.linalg.vector_norm(weight, dim=1).square()
+            if inner_products == "split" and bias is not None:
+                products = [
+                    tail_scale * torch.dot(inverse_diag, weight_rows)
+                    + (scaled_projections * (projected - bias_projected)).sum()
+                    + (rest[:, :columns] * projections[:, :columns]).sum(),
+                    tail_scale * torch.dot(inverse_diag, bias.square())
+                    + (scaled_projections * bias_projected).sum()
+                    + torch.dot(rest[:, columns], projections[:, columns]),
+                ]
+            else:
+                if bias is not None:
+                    weight_rows = weight_rows.addcmul_(bias, bias)
+                products = [
+                    tail_scale * torch.dot(inverse_diag, weight_rows)
+                    + torch.dot(scaled_projections.view(-1), projected.view(-1))
+                    + torch.dot(rest.view(-1), projections.view(-1))
+                ]
+        return cls(weight, bias, tail_scale * inverse_diag, left, right, products)
 
     def apply(self, scale: Tensor | None = None) -> None:
-        """G_c ← scale · (s·diag(e) G_c + L R_c), in place: one scaling pass and one addmm per block."""
+        """G ← scale · (s·diag(e) G + L R), in place: one scaling pass and one addmm (and the bias column's)."""
         row_scale = self.row_scale if scale is None else self.row_scale * scale
         left = self.left if scale is None else self.left * scale
-        for block, right in zip(self.blocks, self.rights):
-            block.mul_(row_scale[:, None]).addmm_(left, right)
+        columns = self.weight.shape[1]
+        self.weight.mul_(row_scale[:, None]).addmm_(left, self.right[:, :columns])
+        if self.bias is not None:
+            self.bias.mul_(row_scale).addmv_(left, self.right[:, columns])

@@ -142,10 +142,10 @@ class StepRule:
         scaler will skip this step: a rule that keeps moments must then leave them unchanged."""
         return self.layer.precondition(grads)
 
-    def fused_step(self, with_inner_products: bool) -> FusedKroneckerStep | None:
-        """This step planned to be written into the gradient in place, where the layer's factors allow it;
-        None: use :meth:`precondition`."""
-        return self.layer.fused_step(with_inner_products)
+    def fused_step(self, inner_products: str = "none") -> FusedKroneckerStep | None:
+        """This step planned to be written into the gradient in place, where the layer's factors allow it
+        (``inner_products``: see :meth:`.FusedKroneckerStep.plan`); None: use :meth:`precondition`."""
+        return self.layer.fused_step(inner_products)
 
     def accumulate_rows(self, b_rows: Tensor, pairing: RowPairing, weight: float | Tensor) -> None:
         """Per-example statistics of one micro-batch (rules with :attr:`wants_rows`)."""
@@ -183,7 +183,7 @@ class StatefulRule(StepRule):
         if template.right is not None:
             self._bases_tensors["right"] = torch.zeros_like(template.right)
 
-    def fused_step(self, with_inner_products: bool) -> FusedKroneckerStep | None:
+    def fused_step(self, inner_products: str = "none") -> FusedKroneckerStep | None:
         return None  # the step is the rule's own
 
     def _stored_bases(self) -> Bases:

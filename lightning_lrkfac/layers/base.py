@@ -165,7 +165,7 @@ class KFACLayer(ABC):
             naturals.append(b_factor.inverse_left(grads[1]))
         return [natural.contiguous() for natural in naturals]
 
-    def fused_step(self, with_inner_products: bool) -> FusedKroneckerStep | None:
+    def fused_step(self, inner_products: str = "none") -> FusedKroneckerStep | None:
         """The natural gradient planned to be written into ``.grad`` in place (:mod:`..fused`), for a low-rank A
         and a diagonal-plus-low-rank B; None where that does not apply (a dense or diagonal factor, blocks,
         a separate bias block, a gradient in another dtype or layout, no gradient)."""
@@ -182,21 +182,17 @@ class KFACLayer(ABC):
             or not weight_grad.is_contiguous()
         ):
             return None
-        columns = self.in_dim - int(self.augment)
-        blocks, bases = [weight_grad.view(self.out_dim, columns)], [a_factor.eigenvectors[:columns]]
-        bias_grad = self.bias_grad() if self.augment else None
-        if bias_grad is not None:  # the ones column of A: the bias gradient, written in place as well
-            blocks.append(bias_grad.view(self.out_dim, 1))
-            bases.append(a_factor.eigenvectors[columns:])
+        bias_grad = self.bias_grad() if self.augment else None  # the ones column of A, written in place as well
         return FusedKroneckerStep.plan(
-            blocks,
-            bases,
+            weight_grad.view(self.out_dim, self.in_dim - int(self.augment)),
+            bias_grad,
+            a_factor.eigenvectors,
             a_factor.inverse_scale,
             a_factor.inverse_coefficients,
             b_factor.inverse_diag,
             b_factor.inverse_scaled_basis,
             b_factor.inverse_core,
-            with_inner_products,
+            inner_products,
         )
 
     def work_cost(self) -> float:
