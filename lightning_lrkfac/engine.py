@@ -23,7 +23,7 @@ from .distributed import Communicator, balanced_owners
 from .fisher import sampled_negative_log_likelihood
 from .fused import FusedKroneckerStep
 from .layers import KFACLayer, select_layers
-from .lowrank import DiagPlusLowRankFactor, all_finite, check_tensors
+from .lowrank import DiagPlusLowRankFactor, check_tensors, fold_groups
 from .options import FACTOR_DTYPES, KFACOptions, args_docstring
 from .preconditioner import kl_clip_scale
 from .schedules import as_schedule
@@ -323,19 +323,15 @@ class LowRankKFAC:
         pending = [t for layer in self.layers for f in layer.factors for t in f.pending_tensors()]
         self.comm.all_reduce_sum(pending + [t for rule in self.rules for t in rule.pending_tensors()])
         world_size = self.comm.world_size
-        for layer, rule in zip(self.layers, self.rules):
-            a_factor, b_factor = layer.factors
-            if a_factor.pending_count == 0 or b_factor.pending_count == 0:
-                continue
-            a_next = a_factor.blend(decay, a_factor.pending_count * world_size)
-            b_next = b_factor.blend(decay, b_factor.pending_count * world_size)
-            valid = all_finite(a_next + b_next)  # non-finite statistics give a non-finite next state
-            if grads_finite is not None:
-                valid = valid & grads_finite
-            self.skipped_updates += ~valid
-            a_factor.commit(a_next, valid)
-            b_factor.commit(b_next, valid)
-            rule.fold(decay, rule.pending_count * world_size, valid)
+        folding = [
+            (layer, rule) for layer, rule in zip(self.layers, self.rules) if all(f.pending_count for f in layer.factors)
+        ]
+        if not folding:
+            return
+        taken = fold_groups([list(layer.factors) for layer, _ in folding], decay, grads_finite, world_size)
+        self.skipped_updates += (~taken).sum()  # non-finite statistics give a non-finite next state
+        for index, (_, rule) in enumerate(folding):
+            rule.fold(decay, rule.pending_count * world_size, taken[index])
 
     def bases_ready(self) -> bool:
         """True once every factor has an eigen-approximation to precondition with."""

@@ -15,6 +15,7 @@ carried over as the memory of the running average.
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 
 import torch
@@ -49,6 +50,51 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
     overflow of the sum itself, which would leave the state unusable anyway).
     """
     return torch.stack([t.sum() for t in tensors]).isfinite().all()
+
+
+def fold_groups(
+    groups: list[list[KroneckerFactor]], decay: float, valid: Tensor | None = None, scale: float = 1
+) -> Tensor:
+    """EMA-fold the pending statistics of groups of factors (each layer's A and B) at once; a group only where
+    all of its next state is finite (and ``valid``, a bool tensor: no host sync). Returns the groups that took it.
+
+    F ← ρF + (1−ρ)·pending/(count·``scale``), ``scale`` the data-parallel world size whose sum the
+    pending buffers hold; the first fold takes the mean as is. The blend runs in the pending
+    buffers as two fused (foreach) kernels, the check as one; the buffers are then cleared.
+    """
+    factors = [factor for group in groups for factor in group]
+    pendings = [factor.pending_tensors() for factor in factors]
+    states = [factor.state_tensors() for factor in factors]
+    flat = [tensor for tensors in pendings for tensor in tensors]
+    keep = [decay if factor.initialized else 0.0 for factor in factors]
+    torch._foreach_mul_(
+        flat,
+        [(1.0 - rho) / (factor.pending_count * scale) for factor, rho, ts in zip(factors, keep, pendings) for _ in ts],
+    )
+    carried = [(p, s) for rho, ps, ss in zip(keep, pendings, states) if rho for p, s in zip(ps, ss)]
+    if carried:
+        torch._foreach_add_([p for p, _ in carried], [s for _, s in carried], alpha=decay)
+    # Σ|x| of every tensor (inf or NaN for non-finite entries), one row per group, padded with zeros
+    peaks = torch._foreach_norm(flat, ord=1)
+    sizes = [sum(len(factor.state_tensors()) for factor in group) for group in groups]
+    padding = flat[0].new_zeros((), dtype=peaks[0].dtype)
+    rows: list[Tensor] = []
+    for size, start in zip(sizes, itertools.accumulate([0, *sizes])):
+        rows += [*peaks[start : start + size], *[padding] * (max(sizes) - size)]
+    taken = torch.stack(rows).view(len(groups), max(sizes)).sum(1).isfinite()
+    if valid is not None:
+        taken = taken & valid
+    factor_index = 0
+    for index, group in enumerate(groups):
+        group_taken = taken[index]
+        for factor in group:
+            for state, new in zip(states[factor_index], pendings[factor_index]):
+                torch.where(group_taken, new, state, out=state)
+            factor.pending_count = 0
+            factor.initialized = True
+            factor_index += 1
+    torch._foreach_zero_(flat)
+    return taken
 
 
 def check_tensors(current: dict[str, Tensor], saved: object, key: str) -> None:
@@ -116,31 +162,7 @@ class KroneckerFactor(ABC):
         """
         if (self.pending_count if count is None else count) == 0:
             return
-        updated = self.blend(decay, count)
-        self.commit(updated, valid & all_finite(updated))
-
-    def blend(self, decay: float, count: int | None = None) -> list[Tensor]:
-        """The next EMA state ρF + (1−ρ)·pending/count, computed in place of the pending sums.
-
-        :meth:`commit` must follow. Split from it so that a layer can check both of its
-        factors before either changes.
-        """
-        count = self.pending_count if count is None else count
-        rho = decay if self.initialized else 0.0
-        pendings = self.pending_tensors()
-        for state, pending in zip(self.state_tensors(), pendings):
-            pending.mul_((1.0 - rho) / count)
-            if rho:
-                pending.add_(state, alpha=rho)
-        return pendings
-
-    def commit(self, updated: list[Tensor], valid: Tensor) -> None:
-        """Take the blended state where ``valid`` (a bool tensor: no host sync), then clear pending."""
-        for state, new in zip(self.state_tensors(), updated):
-            state.copy_(torch.where(valid, new, state))
-            new.zero_()
-        self.pending_count = 0
-        self.initialized = True
+        fold_groups([[self]], decay, valid, 1 if count is None else count / self.pending_count)
 
     def state_tensors(self) -> list[Tensor]:
         """EMA state, paired one to one with :meth:`pending_tensors`."""

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_lrkfac.lowrank import DenseFactor, DiagPlusLowRankFactor, LowRankFactor
+from lightning_lrkfac.lowrank import DenseFactor, DiagonalFactor, DiagPlusLowRankFactor, LowRankFactor, fold_groups
 
 DT = torch.float64
 CPU = torch.device("cpu")
@@ -138,6 +138,41 @@ def test_first_fold_takes_the_batch_and_invalid_folds_change_nothing():
     factor.accumulate(rows, 0.2)
     factor.fold(0.9, torch.tensor(False))
     torch.testing.assert_close(factor.matrix, before)
+
+
+def test_fold_groups_skips_only_the_group_with_non_finite_statistics():
+    """Layers fold together; one layer's inf leaves its own A and B as they were, the others take the EMA step."""
+    rows = [torch.randn(6, 4, dtype=DT) for _ in range(6)]
+    groups = [[DenseFactor(4, CPU, DT), DiagonalFactor(4, CPU, DT)] for _ in range(3)]
+    for group, (a_rows, b_rows) in zip(groups, zip(rows[::2], rows[1::2])):
+        group[0].accumulate(a_rows, 0.5)
+        group[1].accumulate(b_rows, 0.5)
+    assert fold_groups(groups, 0.9).tolist() == [True, True, True]  # first fold: the batch itself
+    before = [[t.clone() for factor in group for t in factor.state_tensors()] for group in groups]
+    new_rows = [torch.randn(6, 4, dtype=DT) for _ in range(6)]
+    new_rows[2][0, 1] = math.inf  # group 1's A
+    for group, (a_rows, b_rows) in zip(groups, zip(new_rows[::2], new_rows[1::2])):
+        group[0].accumulate(a_rows, 0.5)
+        group[1].accumulate(b_rows, 0.5)
+    taken = fold_groups(groups, 0.9, valid=torch.tensor(True), scale=2)  # a pending sum over 2 ranks
+    assert taken.tolist() == [True, False, True]
+    for index in (0, 2):
+        a_rows, b_rows = new_rows[2 * index], new_rows[2 * index + 1]
+        expected_a = 0.9 * rows[2 * index].T @ rows[2 * index] * 0.5 + 0.1 * a_rows.T @ a_rows * 0.5 / 2
+        expected_b = 0.9 * (rows[2 * index + 1] ** 2).sum(0) * 0.5 + 0.1 * (b_rows**2).sum(0) * 0.5 / 2
+        torch.testing.assert_close(groups[index][0].matrix, expected_a)
+        torch.testing.assert_close(groups[index][1].diag, expected_b)
+        torch.testing.assert_close(groups[index][1].trace, expected_b.sum())
+    after = [t for factor in groups[1] for t in factor.state_tensors()]
+    for old, new in zip(before[1], after):
+        torch.testing.assert_close(new, old, rtol=0, atol=0)
+    for group in groups:  # every pending sum is cleared
+        assert all(factor.pending_count == 0 and not any(t.any() for t in factor.pending_tensors()) for factor in group)
+    state = [t.clone() for t in groups[0][0].state_tensors()]
+    for factor in groups[0]:
+        factor.accumulate(rows[0], 0.5)
+    assert fold_groups(groups[:1], 0.9, valid=torch.tensor(False)).tolist() == [False]  # AMP's skip: nothing
+    assert all(torch.equal(new, old) for new, old in zip(groups[0][0].state_tensors(), state))
 
 
 @pytest.mark.parametrize("kind", ["dense", "grouped-dense", "low-rank"])
