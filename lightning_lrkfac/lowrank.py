@@ -308,15 +308,28 @@ class DenseFactor(EigenInverse, KroneckerFactor):
     implicit_ones_column = True
 
     def _accumulate(self, rows: Tensor, weight: float | Tensor, ones_column: bool = False) -> None:
-        if not ones_column:
-            add_product(self.pending_matrix, rows.mT, rows, weight)
-        else:  # [R 1]ᵀ[R 1] = [[RᵀR, Rᵀ1], [1ᵀR, n]], written block by block
-            body = self.dim - 1
-            add_product(self.pending_matrix[..., :body, :body], rows.mT, rows, weight)
-            column = rows.sum(-2)
-            add_scaled(self.pending_matrix[..., :body, body], column, weight)
-            add_scaled(self.pending_matrix[..., body, :body], column, weight)
-            add_scaled(self.pending_matrix[..., body, body], torch.full_like(column[..., 0], rows.shape[-2]), weight)
+        # [R 1]ᵀ[R 1] = [[RᵀR, Rᵀ1], [1ᵀR, n]], written block by block
+        add_product(self._body(ones_column), rows.mT, rows, weight)
+        self._add_rest(rows.sum(-2) if ones_column else None, rows.shape[-2], weight)
+
+    def accumulate_gram(self, gram: Tensor, column_sums: Tensor | None, count: int, weight: float | Tensor) -> None:
+        """Add a micro-batch given as RᵀR (…, d, d) and, for a ones column, Rᵀ1 and the row count.
+
+        For callers that form the product without a row matrix (a grouped convolution's patches).
+        """
+        add_scaled(self._body(column_sums is not None), gram.to(self.dtype), weight)
+        self._add_rest(None if column_sums is None else column_sums.to(self.dtype), count, weight)
+        self.pending_count += 1
+
+    def _body(self, ones_column: bool) -> Tensor:
+        return self.pending_matrix[..., :-1, :-1] if ones_column else self.pending_matrix
+
+    def _add_rest(self, column_sums: Tensor | None, count: int, weight: float | Tensor) -> None:
+        """The ones column's blocks (when given), then the pending trace."""
+        if column_sums is not None:
+            add_scaled(self.pending_matrix[..., :-1, -1], column_sums, weight)
+            add_scaled(self.pending_matrix[..., -1, :-1], column_sums, weight)
+            add_scaled(self.pending_matrix[..., -1, -1], torch.full_like(column_sums[..., 0], count), weight)
         # tr(rowsᵀrows) = Σ rows²: read off the diagonal instead of another pass over the rows.
         self.pending_trace.copy_(self.pending_matrix.diagonal(dim1=-2, dim2=-1).sum(-1))
 

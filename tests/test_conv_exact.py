@@ -59,7 +59,10 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_exact_mode_on_convolutions_matches_a_loop_built_dense_reference(case):
+@pytest.mark.parametrize("unfold_elements", [None, 1], ids=["whole-batch", "one-example-at-a-time"])
+def test_exact_mode_on_convolutions_matches_a_loop_built_dense_reference(case, unfold_elements, monkeypatch):
+    if unfold_elements is not None:  # a 2D conv's dense A is summed over chunks of the batch
+        monkeypatch.setattr("lightning_lrkfac.layers.conv.UNFOLD_ELEMENTS", unfold_elements)
     builder, shape = CASES[case]
     torch.set_default_dtype(torch.float64)
     try:

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from lightning_lrkfac.layers import Conv2dLayer, LinearLayer, layer_type
+from lightning_lrkfac.lowrank import DenseFactor
 
 
 @pytest.mark.parametrize(
@@ -113,6 +114,36 @@ def test_low_rank_conv_sketch_by_convolutions_equals_the_sketch_of_unfolded_patc
     for got, expected in zip(by_convolutions.a_factor.pending_tensors(), by_patches.a_factor.pending_tensors()):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert by_convolutions.a_factor.pending_count == 1
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Conv2d(3, 8, 3, stride=2, padding=2, dilation=2, bias=False),
+        nn.Conv2d(3, 8, (2, 3), padding="same", padding_mode="reflect"),
+        nn.Conv2d(4, 6, 3, padding=1, groups=2),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4, bias=False),
+    ],
+    ids=["2d", "2d-stride-dilation-no-bias", "2d-same-reflect", "2d-groups-2", "2d-depthwise-stride"],
+)
+@pytest.mark.parametrize("unfold_elements", [None, 1], ids=["whole-batch", "one-example-at-a-time"])
+def test_dense_conv_factor_from_patch_grams_equals_the_factor_of_patch_rows(conv, unfold_elements, monkeypatch):
+    """im2col read as (batch, groups, d, locations) and one batched matmul: the same pending A as its rows."""
+    if unfold_elements is not None:
+        monkeypatch.setattr("lightning_lrkfac.layers.conv.UNFOLD_ELEMENTS", unfold_elements)
+    conv = conv.double()
+    by_grams, by_rows = (layer_type(conv)("conv", conv) for _ in range(2))
+    for layer in (by_grams, by_rows):
+        layer.build_factors(64, 2, 0, False, torch.Generator().manual_seed(0), torch.float64)
+    assert isinstance(by_grams.a_factor, DenseFactor)
+    inputs = [torch.randn(3, conv.in_channels, 6, 7, dtype=torch.float64) for _ in range(2)]  # called twice
+    by_grams._accumulate_inputs(inputs)
+    rows = torch.cat([by_rows._input_rows(x) for x in inputs], dim=-2)
+    by_rows.a_factor.accumulate(rows, 1.0 / rows.shape[-2], ones_column=by_rows.augment)
+    for got, expected in zip(by_grams.a_factor.pending_tensors(), by_rows.a_factor.pending_tensors()):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert by_grams.a_factor.pending_count == 1
 
 
 def test_low_rank_conv_sketch_takes_half_precision_inputs():

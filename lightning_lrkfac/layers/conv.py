@@ -12,11 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..compat import pad_like_conv
-from ..lowrank import LowRankFactor
+from ..lowrank import DenseFactor, LowRankFactor
 from .base import KFACLayer
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+#: Numbers of patches unfolded at once for a dense A's statistics (4 MB in float32).
+UNFOLD_ELEMENTS = 1 << 20
 
 if TYPE_CHECKING:
     from ..options import KFACOptions
@@ -85,6 +87,8 @@ class ConvLayer(KFACLayer):
         Σ P² is the conv of x² with a ones kernel. No patch matrix is ever formed. The first k
         columns of V are A's kept eigenvectors U, so P U (for EKFAC's pairs) comes for free.
         """
+        if isinstance(self.a_factor, DenseFactor) and len(self.module.kernel_size) == 2 and bases is None:
+            return self._accumulate_patch_grams(inputs)
         if self.groups != 1 or not isinstance(self.a_factor, LowRankFactor):
             return super()._accumulate_inputs(inputs, bases)
         module, dims = self.module, len(self.module.kernel_size)
@@ -115,6 +119,28 @@ class ConvLayer(KFACLayer):
             return None
         squared = torch.cat(rotated).square()
         return lambda left: left @ squared
+
+    def _accumulate_patch_grams(self, inputs: list[Tensor]) -> None:
+        """A dense A (each group's, for a grouped conv) as Σ PᵀP, from im2col's (batch, channels·kernel, locations)
+        read as (batch, groups, d, locations): a view and one batched matmul, no patch rows formed or transposed.
+
+        The batch is unfolded a few examples at a time (about :data:`UNFOLD_ELEMENTS` numbers), so the
+        patches stay in cache and never take memory of the size of the whole unfold.
+        """
+        module, gram, sums, count = self.module, 0, 0, 0
+        for x in inputs:
+            x, padding = explicitly_padded(module, self._batched(x).to(self.a_factor.dtype))
+            geometry = dict(dilation=module.dilation, padding=padding, stride=module.stride)
+            per_example = self.a_factor.dim * self.groups * math.prod(x.shape[2:])  # about: locations ≈ pixels
+            for chunk in x.split(max(1, UNFOLD_ELEMENTS // per_example)):
+                patches = F.unfold(chunk, module.kernel_size, **geometry)
+                patches = patches.view(patches.shape[0], self.groups, -1, patches.shape[-1])
+                gram = gram + torch.matmul(patches, patches.mT).sum(0)
+                sums = sums + patches.sum((0, 3)) if self.augment else None
+                count += patches.shape[0] * patches.shape[-1]
+        if not self.blocks:  # one group: the factor has no group dim
+            gram, sums = gram[0], None if sums is None else sums[0]
+        self.a_factor.accumulate_gram(gram, sums, count, 1.0 / count)
 
     def _grouped(self, rows: Tensor) -> Tensor:
         """(n, groups·d) rows → (groups, n, d): each group's channels are contiguous columns."""
