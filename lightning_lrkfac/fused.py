@@ -29,7 +29,7 @@ class FusedKroneckerStep:
 
     weight: Tensor  # G's weight columns (out × in), a view of .grad: overwritten by apply()
     bias: Tensor | None  # the augmented bias column (out,), a view of the bias's .grad, or None
-    row_scale: Tensor  # s·e (out,)
+    row_scale: Tensor | None  # s·e (out,); None without a diagonal part
     left: Tensor  # L, out × (k_A + k_B)
     right: Tensor  # R, (k_A + k_B) × in'
     #: ⟨N, G⟩ as [total] or, split, as [weight part, bias part]; None when not asked for.
@@ -43,7 +43,7 @@ class FusedKroneckerStep:
         basis: Tensor,
         tail_scale: float,
         coefficients: Tensor,
-        inverse_diag: Tensor,
+        inverse_diag: Tensor | None,
         scaled_basis: Tensor,
         core: Tensor,
         inner_products: str = "none",
@@ -52,7 +52,9 @@ class FusedKroneckerStep:
 
         ``basis`` is U (in' × k_A, its last row the bias column's when ``bias`` is given); (``tail_scale``,
         ``coefficients``) = (s, c) of A's inverse; (``inverse_diag``, ``scaled_basis``, ``core``) = (e, W, K)
-        of B's. ``inner_products``: "none", "total" (one ⟨N, G⟩) or "split" (the weight's and the bias's).
+        of B's, K a matrix or a vector (diagonal), e None for a B kept whole (W its eigenvectors, −K the
+        inverse eigenvalues: no diagonal part, so L = W and R = R₂). ``inner_products``: "none", "total"
+        (one ⟨N, G⟩) or "split" (the weight's and the bias's).
         """
         columns = weight.shape[1]
         basis = basis[: columns + int(bias is not None)]  # an augmented bias without a gradient: its column is 0
@@ -64,22 +66,26 @@ class FusedKroneckerStep:
             projected = projected + bias_projected
             projections = torch.cat([projections, (scaled_basis.mT @ bias)[:, None]], dim=1)
         both_scaled = (scaled_basis.mT @ projected) * coefficients  # S diag(c)
-        scaled_projections = projected * coefficients * inverse_diag[:, None]  # L₁ = diag(e) P diag(c)
         rest = torch.addmm(projections, both_scaled, basis.mT, beta=tail_scale)  # s·Q + S diag(c) Uᵀ
-        rest = torch.mm(core, rest).neg_()  # R₂
+        rest = (torch.mm(core, rest) if core.dim() == 2 else core[:, None] * rest).neg_()  # R₂
+        if inverse_diag is None:
+            products = None if inner_products == "none" else cls._rest_products(rest, projections, inner_products, bias)
+            return cls(weight, bias, None, scaled_basis, rest, products)
+        scaled_projections = projected * coefficients * inverse_diag[:, None]  # L₁ = diag(e) P diag(c)
         left = torch.cat([scaled_projections, scaled_basis], dim=1)
         right = torch.cat([basis.mT, rest])
         products = None
         if inner_products != "none":  # ⟨[L₁|W][Uᵀ; R₂], G⟩ = ⟨L₁, P⟩ + ⟨R₂, Q⟩: only the row norms read G again
             weight_rows = torch.linalg.vector_norm(weight, dim=1).square()
+            rests = cls._rest_products(rest, projections, inner_products, bias)
             if inner_products == "split" and bias is not None:
                 products = [
                     tail_scale * torch.dot(inverse_diag, weight_rows)
                     + (scaled_projections * (projected - bias_projected)).sum()
-                    + (rest[:, :columns] * projections[:, :columns]).sum(),
+                    + rests[0],
                     tail_scale * torch.dot(inverse_diag, bias.square())
                     + (scaled_projections * bias_projected).sum()
-                    + torch.dot(rest[:, columns], projections[:, columns]),
+                    + rests[1],
                 ]
             else:
                 if bias is not None:
@@ -87,15 +93,28 @@ class FusedKroneckerStep:
                 products = [
                     tail_scale * torch.dot(inverse_diag, weight_rows)
                     + torch.dot(scaled_projections.view(-1), projected.view(-1))
-                    + torch.dot(rest.view(-1), projections.view(-1))
+                    + rests[0]
                 ]
         return cls(weight, bias, tail_scale * inverse_diag, left, right, products)
 
+    @staticmethod
+    def _rest_products(rest: Tensor, projections: Tensor, inner_products: str, bias: Tensor | None) -> list[Tensor]:
+        """⟨R₂, Q⟩, as one sum or split into the weight's columns and the bias's."""
+        if inner_products == "split" and bias is not None:
+            return [(rest[:, :-1] * projections[:, :-1]).sum(), torch.dot(rest[:, -1], projections[:, -1])]
+        return [torch.dot(rest.view(-1), projections.view(-1))]
+
     def apply(self, scale: Tensor | None = None) -> None:
-        """G ← scale · (s·diag(e) G + L R), in place: one scaling pass and one addmm (and the bias column's)."""
-        row_scale = self.row_scale if scale is None else self.row_scale * scale
+        """G ← scale · (s·diag(e) G + L R), in place: one scaling pass and one addmm (and the bias column's);
+        without a diagonal part, G ← scale · L R written over G."""
         left = self.left if scale is None else self.left * scale
         columns = self.weight.shape[1]
+        if self.row_scale is None:
+            self.weight.addmm_(left, self.right[:, :columns], beta=0.0)
+            if self.bias is not None:
+                self.bias.addmv_(left, self.right[:, columns], beta=0.0)
+            return
+        row_scale = self.row_scale if scale is None else self.row_scale * scale
         self.weight.mul_(row_scale[:, None]).addmm_(left, self.right[:, :columns])
         if self.bias is not None:
             self.bias.mul_(row_scale).addmv_(left, self.right[:, columns])

@@ -1,4 +1,5 @@
-"""The in-place natural gradient of low-rank layers (lightning_lrkfac/fused.py) against dense float64 inverses.
+"""The in-place natural gradient of low-rank layers (lightning_lrkfac/fused.py) against dense float64 inverses,
+with B diagonal plus low rank and with B kept whole (a classifier head).
 
 The reference forms A's and B's approximations as d×d matrices from the factors' kept eigenpairs,
 inverts them with torch.linalg.inv, and applies N = B⁻¹ G A⁻¹ and the KL clip literally.
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lrkfac import LowRankKFAC
-from lightning_lrkfac.lowrank import DiagPlusLowRankFactor, LowRankFactor
+from lightning_lrkfac.lowrank import DenseFactor, DiagPlusLowRankFactor, LowRankFactor
 
 DT = torch.float64
 
@@ -23,15 +24,26 @@ def dense_inverses(layer) -> tuple[torch.Tensor, torch.Tensor]:
     u, tail = a.eigenvectors, (a.tail if a.isotropic_tail else torch.zeros((), dtype=DT))
     eye_a = torch.eye(a.dim, dtype=DT)
     a_dense = u @ torch.diag(a.eigenvalues) @ u.T + tail * (eye_a - u @ u.T) + a.inverse_damping * eye_a
-    v = b.eigenvectors
-    b_dense = torch.diag(b.diag) + v @ torch.diag(b.eigenvalues) @ v.T + b.inverse_damping * torch.eye(b.dim, dtype=DT)
+    if isinstance(b, DenseFactor):  # kept whole: the EMA matrix itself
+        b_dense = b.matrix + b.inverse_damping * torch.eye(b.dim, dtype=DT)
+    else:
+        v = b.eigenvectors
+        b_dense = (
+            torch.diag(b.diag) + v @ torch.diag(b.eigenvalues) @ v.T + b.inverse_damping * torch.eye(b.dim, dtype=DT)
+        )
     return torch.linalg.inv(a_dense), torch.linalg.inv(b_dense)
 
 
 def model_and_batch(bias: bool):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(30, 24, bias=bias), nn.Tanh(), nn.Linear(24, 20, bias=bias)).to(DT)
-    return model, torch.randn(64, 30, dtype=DT), torch.randint(0, 20, (64,))
+    linears = [
+        nn.Linear(30, 24, bias=bias),
+        nn.Tanh(),
+        nn.Linear(24, 20, bias=bias),
+        nn.Tanh(),
+        nn.Linear(20, 4, bias=bias),
+    ]
+    return nn.Sequential(*linears).to(DT), torch.randn(64, 30, dtype=DT), torch.randint(0, 4, (64,))
 
 
 @pytest.mark.parametrize("bias_rate", [None, 0.1, 0.3], ids=["no-bias", "bias-same-rate", "bias-own-rate"])
@@ -52,10 +64,12 @@ def test_fused_step_equals_dense_inverses_and_the_literal_kl_clip(bias_rate, iso
             F.cross_entropy(model(x), y).backward()
             plain = {id(p): p.grad.clone() for p in model.parameters()}
             kfac.step(lr=optimizer)
+    b_kinds = [type(layer.b_factor) for layer in kfac.layers]
+    assert b_kinds == [DiagPlusLowRankFactor, DiagPlusLowRankFactor, DenseFactor]  # the head's 4 outputs: B whole
     for layer in kfac.layers:  # the fused path applies to these layers
-        assert isinstance(layer.a_factor, LowRankFactor) and isinstance(layer.b_factor, DiagPlusLowRankFactor)
-        assert layer.fused_step() is not None
-        assert int(layer.b_factor.repairs) == 0  # so the dense reference is the operator itself
+        assert isinstance(layer.a_factor, LowRankFactor) and layer.fused_step() is not None
+        if isinstance(layer.b_factor, DiagPlusLowRankFactor):
+            assert int(layer.b_factor.repairs) == 0  # so the dense reference is the operator itself
     naturals, budget = {}, 0.0
     for layer in kfac.layers:
         a_inverse, b_inverse = dense_inverses(layer)

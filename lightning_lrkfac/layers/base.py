@@ -167,14 +167,14 @@ class KFACLayer(ABC):
 
     def fused_step(self, inner_products: str = "none") -> FusedKroneckerStep | None:
         """The natural gradient planned to be written into ``.grad`` in place (:mod:`..fused`), for a low-rank A
-        and a diagonal-plus-low-rank B; None where that does not apply (a dense or diagonal factor, blocks,
+        and a diagonal-plus-low-rank or whole B; None where that does not apply (a dense or diagonal A, blocks,
         a separate bias block, a gradient in another dtype or layout, no gradient)."""
         a_factor, b_factor = self.factors
         weight_grad = self.weight_grad()
         if (
             self.blocks
             or not isinstance(a_factor, LowRankFactor)
-            or not isinstance(b_factor, DiagPlusLowRankFactor)
+            or not isinstance(b_factor, (DiagPlusLowRankFactor, DenseFactor))
             or (self.has_bias and not self.augment)
             or weight_grad is None
             or weight_grad.dtype != self.dtype
@@ -182,16 +182,17 @@ class KFACLayer(ABC):
             or not weight_grad.is_contiguous()
         ):
             return None
-        bias_grad = self.bias_grad() if self.augment else None  # the ones column of A, written in place as well
+        if isinstance(b_factor, DenseFactor):  # (Q diag(c) Qᵀ): no diagonal part, core −c
+            b_inverse = (None, b_factor.eigenvectors, -b_factor.inverse_coefficients)
+        else:
+            b_inverse = (b_factor.inverse_diag, b_factor.inverse_scaled_basis, b_factor.inverse_core)
         return FusedKroneckerStep.plan(
             weight_grad.view(self.out_dim, self.in_dim - int(self.augment)),
-            bias_grad,
+            self.bias_grad() if self.augment else None,  # the ones column of A, written in place as well
             a_factor.eigenvectors,
             a_factor.inverse_scale,
             a_factor.inverse_coefficients,
-            b_factor.inverse_diag,
-            b_factor.inverse_scaled_basis,
-            b_factor.inverse_core,
+            *b_inverse,
             inner_products,
         )
 
