@@ -49,7 +49,8 @@ def model_and_batch(bias: bool):
 @pytest.mark.parametrize("bias_rate", [None, 0.1, 0.3], ids=["no-bias", "bias-same-rate", "bias-own-rate"])
 @pytest.mark.parametrize("isotropic_tail", [False, True])
 @pytest.mark.parametrize("kl_clip", [None, 1e-6])
-def test_fused_step_equals_dense_inverses_and_the_literal_kl_clip(bias_rate, isotropic_tail, kl_clip):
+def test_fused_step_equals_dense_inverses_and_the_literal_kl_clip(bias_rate, isotropic_tail, kl_clip, monkeypatch):
+    monkeypatch.setattr("lightning_lrkfac.fused.MIN_ELEMENTS", 1)  # small layers, so that the test is quick
     bias = bias_rate is not None
     model, x, y = model_and_batch(bias)
     rates = {id(p): (bias_rate if p.dim() == 1 else 0.1) for p in model.parameters()}
@@ -88,3 +89,14 @@ def test_fused_step_equals_dense_inverses_and_the_literal_kl_clip(bias_rate, iso
         assert scale < 0.5  # the clip is active
     for parameter in model.parameters():
         torch.testing.assert_close(parameter.grad, scale * naturals[id(parameter)], rtol=1e-9, atol=1e-12)
+
+
+def test_small_gradients_take_the_general_path():
+    """Below fused.MIN_ELEMENTS the general path's fewer kernels are cheaper; above it the step is written in place."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(400, 384), nn.Tanh(), nn.Linear(384, 24))
+    x, y = torch.randn(32, 400), torch.randint(0, 24, (32,))
+    with LowRankKFAC(model, rank=8) as kfac:
+        F.cross_entropy(model(x), y).backward()
+        kfac.step(lr=0.1)
+        assert [layer.fused_step() is not None for layer in kfac.layers] == [True, False]

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .. import fused
 from ..fused import FusedKroneckerStep
 from ..lowrank import DenseFactor, DiagPlusLowRankFactor, KroneckerFactor, LowRankFactor
 from ..preconditioner import pi_damping
@@ -168,7 +169,7 @@ class KFACLayer(ABC):
     def fused_step(self, inner_products: str = "none") -> FusedKroneckerStep | None:
         """The natural gradient planned to be written into ``.grad`` in place (:mod:`..fused`), for a low-rank A
         and a diagonal-plus-low-rank or whole B; None where that does not apply (a dense or diagonal A, blocks,
-        a separate bias block, a gradient in another dtype or layout, no gradient)."""
+        a separate bias block, a gradient in another dtype or layout or below :data:`.fused.MIN_ELEMENTS`)."""
         a_factor, b_factor = self.factors
         weight_grad = self.weight_grad()
         if (
@@ -180,6 +181,7 @@ class KFACLayer(ABC):
             or weight_grad.dtype != self.dtype
             or weight_grad.layout != torch.strided
             or not weight_grad.is_contiguous()
+            or weight_grad.numel() < fused.MIN_ELEMENTS
         ):
             return None
         if isinstance(b_factor, DenseFactor):  # (Q diag(c) Qᵀ): no diagonal part, core −c
