@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-
 #: Gradients with fewer entries take the general path: there its fewer, larger kernels cost less
 #: than the passes this path saves (2 CPU cores, an MLP's preconditioning: 256×257 1.18× slower
 #: in place, 384×385 1.8× faster, 1024×1025 3.4× faster).
