@@ -20,7 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+from lightning_lrkfac.options import KFACOptions
+
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RANK = KFACOptions().rank  # the step ratio at the defaults (the CPU run adds rank 32)
 OUT = ROOT / "benchmarks" / "results" / "gpu"
 
 PARTS = {
@@ -29,7 +32,7 @@ PARTS = {
     ],
     "step_overhead": [
         sys.executable, "-m", "benchmarks.step_overhead", "--device", "cuda",
-        "--only", "gpt-w512-d8-s256", "resnet18-synthetic32", "mlp-w1024-b256",
+        "--only", "gpt-w512-d8-s256", "resnet18-synthetic32", "mlp-w1024-b256", "--ranks", str(DEFAULT_RANK),
     ],
     "layer_scaling": [
         sys.executable, "-m", "benchmarks.layer_scaling", "--device", "cuda", "--dims", "4096", "8192", "--ranks", "32",
