@@ -67,7 +67,8 @@ def test_no_host_sync_in_a_step_between_refreshes(step_rule):
     steps (eigh/SVD check their LAPACK info on the host) are counted, not forbidden.
     """
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).cuda()
+    # width 512: the middle layer's gradient is large enough for the in-place step (fused.MIN_ELEMENTS)
+    model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).cuda()
     kl_clip = None if step_rule == "soap" else 1e-3
     kfac = LowRankKFAC(
         model, rank=16, basis_update_interval=5, skip_non_finite_steps=False, kl_clip=kl_clip, step_rule=step_rule
@@ -91,4 +92,6 @@ def test_no_host_sync_in_a_step_between_refreshes(step_rule):
         refresh_syncs += len(caught) if refresh else 0
     torch.cuda.synchronize()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    in_place = [kfac.rules[i].fused_step() is not None for i in range(len(kfac.layers))]
+    assert in_place == ([False, True, False] if step_rule == "kfac" else [False] * 3)
     print(f"{step_rule}: host syncs on 2 refresh steps: {refresh_syncs}")
