@@ -391,6 +391,8 @@ class LowRankKFAC:
         Under layerwise work each owner computes its layers' directions and broadcasts them;
         the KL clip then sums over all layers on every rank, so every rank takes the same step.
         ``grads_finite`` (AMP) False: rules that keep moments (SOAP) leave them unchanged.
+        Plain K-FAC on a large low-rank layer is planned first and written into ``.grad`` in
+        place once the clip's scale is known (:mod:`.fused`); the other layers write their directions.
         """
         layerwise = self.options.work_distribution == "layerwise" and self.comm.active
         work: list[tuple[int, list[Tensor], list[Tensor]]] = []
