@@ -11,8 +11,10 @@ place: four passes over G, the flops of the flop model and no allocation of G's 
 
     ⟨N, G⟩ = s·Σ_i e_i ‖G_i‖² + ⟨L₁, P⟩ + ⟨R₂, Q⟩.
 
-G may come as column blocks (the weight, and an augmented bias's column in the bias gradient), each
-with its rows of U; the inner product is then kept per block, so each can carry its own learning rate.
+G is the weight gradient plus, for an augmented bias, its column (a view of the bias gradient, U's
+last row): nothing is concatenated, and ⟨N, G⟩ splits into the weight's and the bias's parts when
+they have their own learning rates. A B kept whole (Q diag(c) Qᵀ, a classifier head) is the case
+e = None: L = Q, R = R₂, written over G.
 """
 
 from __future__ import annotations
