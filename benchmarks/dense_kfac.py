@@ -32,6 +32,7 @@ class _NoNvtx(contextlib.ContextDecorator):
 
 
 def import_asdl():
+    """Import asdl (the dense K-FAC reference of the tests and benchmarks), nvtx ranges neutralised without CUDA."""
     if not torch.cuda.is_available():
         torch.cuda.nvtx.range = _NoNvtx
     with warnings.catch_warnings():

@@ -2,34 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-
 import pytest
 import torch
 import torch.nn as nn
-
-
-class _NoNvtxRange(contextlib.ContextDecorator):
-    """Stand-in for torch.cuda.nvtx.range, which raises on CPU-only torch builds."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return False
-
-
-def import_asdl():
-    """Import asdl with nvtx ranges neutralised (they raise without CUDA)."""
-    torch.cuda.nvtx.range = _NoNvtxRange
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import asdl
-    return asdl
 
 
 @pytest.fixture(autouse=True)

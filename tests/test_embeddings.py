@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from benchmarks.dense_kfac import import_asdl
 from lightning_lrkfac import LowRankKFACCallback
 from lightning_lrkfac.examples.data import ArithmeticSequencesDataModule
 from lightning_lrkfac.examples.models import GPTLanguageModel
 from lightning_lrkfac.lowrank import DiagonalFactor
 
-from .conftest import import_asdl
 from .helpers import damped_natural, kfac_grads, plain_grads, quiet_trainer
 
 EMBEDDING_OPTIONS = dict(rank=64, damping=1e-2, kl_clip=None, factor_dtype="float64", precondition_embeddings=True)

@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .conftest import import_asdl, mlp, small_cnn
+from benchmarks.dense_kfac import import_asdl
+
+from .conftest import mlp, small_cnn
 from .helpers import kfac_grads, plain_grads
 
 
