@@ -75,26 +75,27 @@ def fold_groups(
     if carried:
         torch._foreach_add_([p for p, _ in carried], [s for _, s in carried], alpha=decay)
     # Σ|x| of every tensor (inf or NaN for non-finite entries), one row per group, padded with zeros
-    peaks = torch._foreach_norm(flat, ord=1)
-    sizes = [sum(len(factor.state_tensors()) for factor in group) for group in groups]
-    padding = flat[0].new_zeros((), dtype=peaks[0].dtype)
-    rows: list[Tensor] = []
-    for size, start in zip(sizes, itertools.accumulate([0, *sizes])):
-        rows += [*peaks[start : start + size], *[padding] * (max(sizes) - size)]
+    peaks = iter(torch._foreach_norm(flat, ord=1))
+    counts = [len(tensors) for tensors in pendings]
+    sizes = [sum(counts[start : start + len(group)]) for group, start in zip(groups, _starts(groups))]
+    padding = flat[0].new_zeros(())
+    rows = [next(peaks) if column < size else padding for size in sizes for column in range(max(sizes))]
     taken = torch.stack(rows).view(len(groups), max(sizes)).sum(1).isfinite()
     if valid is not None:
         taken = taken & valid
-    factor_index = 0
-    for index, group in enumerate(groups):
-        group_taken = taken[index]
-        for factor in group:
-            for state, new in zip(states[factor_index], pendings[factor_index]):
+    for group, start, group_taken in zip(groups, _starts(groups), taken):
+        for factor, tensors, new_tensors in zip(group, states[start:], pendings[start:]):
+            for state, new in zip(tensors, new_tensors):
                 torch.where(group_taken, new, state, out=state)
             factor.pending_count = 0
             factor.initialized = True
-            factor_index += 1
     torch._foreach_zero_(flat)
     return taken
+
+
+def _starts(groups: list[list[KroneckerFactor]]) -> list[int]:
+    """Index of each group's first factor in the flattened list."""
+    return list(itertools.accumulate([0, *(len(group) for group in groups)]))[:-1]
 
 
 def check_tensors(current: dict[str, Tensor], saved: object, key: str) -> None:

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import fused
-from ..fused import FusedKroneckerStep
 from ..lowrank import DenseFactor, DiagPlusLowRankFactor, KroneckerFactor, LowRankFactor
 from ..preconditioner import pi_damping
 from ..step_rules import project_rows
@@ -166,7 +165,7 @@ class KFACLayer(ABC):
             naturals.append(b_factor.inverse_left(grads[1]))
         return [natural.contiguous() for natural in naturals]
 
-    def fused_step(self, inner_products: str = "none") -> FusedKroneckerStep | None:
+    def fused_step(self, inner_products: str = "none") -> fused.FusedKroneckerStep | None:
         """The natural gradient planned to be written into ``.grad`` in place (:mod:`..fused`), for a low-rank A
         and a diagonal-plus-low-rank or whole B; None where that does not apply (a dense or diagonal A, blocks,
         a separate bias block, a gradient in another dtype or layout or below :data:`.fused.MIN_ELEMENTS`)."""
@@ -188,7 +187,7 @@ class KFACLayer(ABC):
             b_inverse = (None, b_factor.eigenvectors, -b_factor.inverse_coefficients)
         else:
             b_inverse = (b_factor.inverse_diag, b_factor.inverse_scaled_basis, b_factor.inverse_core)
-        return FusedKroneckerStep.plan(
+        return fused.FusedKroneckerStep.plan(
             weight_grad.view(self.out_dim, self.in_dim - int(self.augment)),
             self.bias_grad() if self.augment else None,  # the ones column of A, written in place as well
             a_factor.eigenvectors,
