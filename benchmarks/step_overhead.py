@@ -48,7 +48,6 @@ from lightning_lrkfac.options import KFACOptions
 from .common import RESULTS, device_record, print_table, pyplot, write_json
 from .training import StepTimer, quiet_trainer
 
-OVERSAMPLING, BASIS_INTERVAL = KFACOptions().oversampling, KFACOptions().basis_update_interval
 RANKS = (KFACOptions().rank, 32)
 
 
@@ -167,7 +166,7 @@ def flop_model(model: nn.Module, callback: LowRankKFACCallback, data) -> dict[st
             a_factor, LowRankFactor
         )  # low-rank: sketched by convs
         curvature += float(n * layer.in_dim * blocks) if unfolds else 0.0
-        curvature += (_refresh_flops(a_factor) + _refresh_flops(b_factor)) / BASIS_INTERVAL
+        curvature += (_refresh_flops(a_factor) + _refresh_flops(b_factor)) / engine.options.basis_update_interval
     return {"sgd_gflop": sgd / 1e9, "curvature_gflop": curvature / 1e9, "model_ratio": 1.0 + curvature / sgd}
 
 
