@@ -32,7 +32,7 @@ from lightning_lrkfac import LowRankKFACCallback
 from lightning_lrkfac.examples.models import MLPAutoencoder, MLPClassifier
 
 from .common import RESULTS, device_record, print_table, pyplot, write_json
-from .training import TargetTracker, accuracy, data_module, label, negative_mse, quiet_trainer, tensors
+from .training import BATCH, TargetTracker, accuracy, data_module, label, negative_mse, quiet_trainer, tensors
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Task:
     hidden: tuple[int, ...] = (256, 256)
 
     def data(self, seed: int):
-        return data_module(self.data_name, 64 if self.data_name == "digits" else 128, seed)
+        return data_module(self.data_name, BATCH[self.data_name], seed)
 
     def model(self, optimizer: str, lr: float, momentum: float):
         if self.regression:

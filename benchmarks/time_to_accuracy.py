@@ -25,7 +25,7 @@ from lightning_lrkfac.examples.models import MLPClassifier
 
 from .common import RESULTS, device_record, print_table, pyplot, write_json
 from .dense_kfac import AsdlKFACClassifier
-from .training import TargetTracker, data_module, label, quiet_trainer, tensors
+from .training import BATCH, TargetTracker, data_module, label, quiet_trainer, tensors
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,6 @@ class Task:
         return data_module(self.name, BATCH[self.name], seed)
 
 
-BATCH = {"digits": 64, "mnist1d": 128}
 TASKS = [
     Task("digits", 64, 0.95, 15, 5),
     Task("mnist1d", 40, 0.60, 25, 10),

@@ -108,6 +108,10 @@ def _set_up(name: str, batch_size: int):
     return module
 
 
+#: The batch size of each dataset in the benchmarks.
+BATCH = {"digits": 64, "mnist1d": 128}
+
+
 def data_module(name: str, batch_size: int, seed: int):
     """The digits or mnist1d DataModule, set up once per process; ``seed`` shuffles the training batches."""
     module = _set_up(name, batch_size)
