@@ -401,9 +401,9 @@ class LowRankKFAC:
             if not layer.ready:  # no statistics yet (e.g. never called): plain gradient
                 continue
             # Plain K-FAC on a low-rank layer: planned from small projections, written into .grad in place.
-            plan = (
-                None if layerwise else self.rules[index].fused_step(self._inner_products(layer, kl_clip, learning_rate))
-            )
+            plan = None
+            if layer.fusable and not layerwise:
+                plan = self.rules[index].fused_step(self._inner_products(layer, kl_clip, learning_rate))
             if plan is not None:
                 fused.append((layer, plan))
                 continue

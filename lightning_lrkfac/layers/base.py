@@ -165,24 +165,33 @@ class KFACLayer(ABC):
             naturals.append(b_factor.inverse_left(grads[1]))
         return [natural.contiguous() for natural in naturals]
 
-    def fused_step(self, inner_products: str = "none") -> fused.FusedKroneckerStep | None:
-        """The natural gradient planned to be written into ``.grad`` in place (:mod:`..fused`), for a low-rank A
-        and a diagonal-plus-low-rank or whole B; None where that does not apply (a dense or diagonal A, blocks,
-        a separate bias block, a gradient in another dtype or layout or below :data:`.fused.MIN_ELEMENTS`)."""
+    @property
+    def fusable(self) -> bool:
+        """Whether this layer's factors and size suit the in-place step (:mod:`..fused`): a low-rank A, a
+        diagonal-plus-low-rank or whole B, one block, no separate bias block, at least :data:`.fused.MIN_ELEMENTS`
+        gradient entries. Known once the factors are built; checked before any gradient is looked at."""
         a_factor, b_factor = self.factors
+        return (
+            not self.blocks
+            and isinstance(a_factor, LowRankFactor)
+            and isinstance(b_factor, (DiagPlusLowRankFactor, DenseFactor))
+            and not (self.has_bias and not self.augment)
+            and self.out_dim * (self.in_dim - int(self.augment)) >= fused.MIN_ELEMENTS
+        )
+
+    def fused_step(self, inner_products: str = "none") -> fused.FusedKroneckerStep | None:
+        """The natural gradient planned to be written into ``.grad`` in place (:mod:`..fused`); None where the
+        layer is not :attr:`fusable` or its gradient is missing or in another dtype or layout."""
         weight_grad = self.weight_grad()
         if (
-            self.blocks
-            or not isinstance(a_factor, LowRankFactor)
-            or not isinstance(b_factor, (DiagPlusLowRankFactor, DenseFactor))
-            or (self.has_bias and not self.augment)
+            not self.fusable
             or weight_grad is None
             or weight_grad.dtype != self.dtype
             or weight_grad.layout != torch.strided
             or not weight_grad.is_contiguous()
-            or weight_grad.numel() < fused.MIN_ELEMENTS
         ):
             return None
+        a_factor, b_factor = self.factors
         if isinstance(b_factor, DenseFactor):  # (Q diag(c) Qᵀ): no diagonal part, core −c
             b_inverse = (None, b_factor.eigenvectors, -b_factor.inverse_coefficients)
         else:
