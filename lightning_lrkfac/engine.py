@@ -89,7 +89,8 @@ class LowRankKFAC:
         self._last_step = {"preconditioned": False, "seconds": 0.0, "damping": float(self.damping(0))}
         for layer in self.layers:
             layer.attach()
-        self.capture = ActivationCapture({layer.name: layer.module for layer in self.layers}, self._prediction_module())
+        hooked = {name: module for layer in self.layers for name, module in layer.hooked_modules().items()}
+        self.capture = ActivationCapture(hooked, self._prediction_module())
         self.capture.attach()
         self.capture.enabled = self.factor_update_due(0)
 
@@ -230,9 +231,7 @@ class LowRankKFAC:
             return accumulation * (examples if options.loss_reduction == "mean" else 1.0) / loss_scale
 
         for layer, rule in zip(self.layers, self.rules):
-            inputs, grads = self.capture.pop(layer.module)
-            if inputs and grads:
-                layer.accumulate(inputs, grads, per_example_grad, rule if rule.wants_rows else None)
+            layer.record(self.capture.pop, per_example_grad, rule if rule.wants_rows else None)
         self.curvature_seconds += time.perf_counter() - started
 
     # -- the step ------------------------------------------------------------------------

@@ -137,10 +137,13 @@ class KroneckerFactor(ABC):
     #: Whether :meth:`_accumulate` takes ``ones_column`` itself (else the column is materialised).
     implicit_ones_column = False
 
-    def accumulate(self, rows: Tensor, weight: float | Tensor, ones_column: bool = False) -> None:
+    def accumulate(
+        self, rows: Tensor, weight: float | Tensor, ones_column: bool = False, new_estimate: bool = True
+    ) -> None:
         """Add weight · rowsᵀrows (one micro-batch's estimate of the factor) to the pending sum.
 
         ``ones_column``: the rows stand for [rows, 1] (an augmented bias), without a copy of them.
+        ``new_estimate`` False: the rows add to the estimate the previous call began (a tied weight's other use).
         """
         rows = rows.to(self.dtype)
         if not ones_column:
@@ -149,7 +152,15 @@ class KroneckerFactor(ABC):
             self._accumulate(rows, weight, ones_column=True)
         else:
             self._accumulate(torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1), weight)
-        self.pending_count += 1
+        self.pending_count += int(new_estimate)
+
+    def accumulate_diagonal(self, diagonal: Tensor, weight: float | Tensor, new_estimate: bool = True) -> None:
+        """Add weight · diag(``diagonal``), a micro-batch's estimate known to be diagonal (one-hot rows), to the pending sum."""
+        self._add_diagonal(diagonal.to(self.dtype), weight)
+        self.pending_count += int(new_estimate)
+
+    def _add_diagonal(self, diagonal: Tensor, weight: float | Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} takes no diagonal-only statistics")
 
     def pending_tensors(self) -> list[Tensor]:
         """Tensors summed over micro-batches, in a fixed order (for all-reduce and checks)."""
@@ -322,6 +333,10 @@ class DenseFactor(EigenInverse, KroneckerFactor):
         self._add_rest(None if column_sums is None else column_sums.to(self.dtype), count, weight)
         self.pending_count += 1
 
+    def _add_diagonal(self, diagonal: Tensor, weight: float | Tensor) -> None:
+        add_scaled(self.pending_matrix.diagonal(dim1=-2, dim2=-1), diagonal, weight)
+        self._add_rest(None, 0, weight)
+
     def _body(self, ones_column: bool) -> Tensor:
         return self.pending_matrix[..., :-1, :-1] if ones_column else self.pending_matrix
 
@@ -372,11 +387,6 @@ class DiagonalFactor(KroneckerFactor):
         self.pending_diag = torch.zeros_like(self.diag)
         #: 1 / (diag + δ) as prepared at the last refresh.
         self.inverse_diagonal = torch.zeros_like(self.diag)
-
-    def accumulate_diagonal(self, diagonal: Tensor, weight: float | Tensor) -> None:
-        """Add weight · diagonal, the diagonal of one micro-batch's estimate, to the pending sum."""
-        self._add_diagonal(diagonal.to(self.dtype), weight)
-        self.pending_count += 1
 
     def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
         self._add_diagonal(rows.square().sum(0), weight)
@@ -567,6 +577,12 @@ class DiagPlusLowRankFactor(SketchedFactor):
     def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
         self._accumulate_sketch(rows, weight)
         diagonal = rows.square().sum(0)
+        add_scaled(self.pending_diag, diagonal, weight)
+        add_scaled(self.pending_trace, diagonal.sum(), weight)
+
+    def _add_diagonal(self, diagonal: Tensor, weight: float | Tensor) -> None:
+        """A diagonal estimate D: its sketch D·V is a row scaling of the test matrix."""
+        add_scaled(self.pending_sketch, diagonal[:, None] * self.test, weight)
         add_scaled(self.pending_diag, diagonal, weight)
         add_scaled(self.pending_trace, diagonal.sum(), weight)
 

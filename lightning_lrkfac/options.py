@@ -92,7 +92,10 @@ class KFACOptions:
         8, "extra sketch columns (p) of the subspace iteration", NON_NEGATIVE_INT, checkpoint=True
     )
     damping: float | Schedule = option(
-        1e-3, "Tikhonov λ, split by π-damping: δ_A = π√λ, δ_B = √λ/π", scheduled(POSITIVE)
+        1e-2,
+        "Tikhonov λ, split by π-damping: δ_A = π√λ, δ_B = √λ/π. 1e-2: the best of {1e-3, 1e-2, 1e-1} on three of "
+        "the four step-rule tasks, and on BERT, where 1e-3 diverges (benchmarks/step_rules.py, tests/test_hf_models.py)",
+        scheduled(POSITIVE),
     )
     factor_decay: float | Schedule = option(0.95, "EMA decay ρ of the factors", scheduled(DECAY))
     factor_update_interval: int = option(1, "fold a batch into the factors every this many steps", POSITIVE_INT)
@@ -136,6 +139,12 @@ class KFACOptions:
     )
     precondition_embeddings: bool = option(
         True, "also precondition `nn.Embedding`: exact diagonal A (token frequencies), B over the width", BOOL
+    )
+    precondition_tied_embeddings: bool = option(
+        True,
+        "also precondition a weight shared by an `nn.Embedding` and an `nn.Linear` head (GPT-2, T5, nanoGPT) as one "
+        "block: each use's Kronecker pair balanced, summed, trace-matched (docs/how-it-works.md)",
+        BOOL,
     )
     precondition_attention: bool = option(
         False,

@@ -118,7 +118,7 @@ def test_sparse_or_frequency_scaled_embedding_keeps_the_plain_gradient(attribute
         torch.testing.assert_close(got[0], plain[0], rtol=0, atol=0)
 
 
-def test_tied_weights_keep_the_plain_gradient_and_the_rest_is_preconditioned():
+def test_tied_gpt_weights_are_one_block_and_the_rest_is_preconditioned():
     torch.manual_seed(0)
     model = GPTLanguageModel(vocab_size=12, context=6, width=16, depth=1, heads=2, tie_weights=True)
     x, y = torch.randint(0, 12, (5, 6)), torch.randint(0, 12, (5, 6))
@@ -126,10 +126,9 @@ def test_tied_weights_keep_the_plain_gradient_and_the_rest_is_preconditioned():
     plain = dict(zip(names, plain_grads(model, x, y, token_loss)))
     grads, kfac = kfac_grads(model, x, y, token_loss, **EMBEDDING_OPTIONS)
     got = dict(zip(names, grads))
-    torch.testing.assert_close(got["tokens.weight"], plain["tokens.weight"], rtol=0, atol=0)
-    assert kfac.skipped_modules["tokens"] == "parameter shared with ['head'] (tied weights)"
-    assert kfac.skipped_modules["head"] == "parameter shared with ['tokens'] (tied weights)"
-    for name in ("positions.weight", "blocks.0.attention.qkv.weight", "blocks.0.mlp.2.weight"):
+    assert "tokens" not in kfac.skipped_modules and "head" not in kfac.skipped_modules
+    assert "head" in [layer.name for layer in kfac.layers] and "tokens" not in [layer.name for layer in kfac.layers]
+    for name in ("tokens.weight", "positions.weight", "blocks.0.attention.qkv.weight", "blocks.0.mlp.2.weight"):
         assert not torch.allclose(got[name], plain[name], rtol=1e-3), name
 
 

@@ -138,6 +138,7 @@ INVALID = {
     "bias_mode": ["both", None],
     "weight_sharing": ["mean", ""],
     "precondition_embeddings": ["true", 0],
+    "precondition_tied_embeddings": ["false", None],
     "precondition_attention": [1, "yes"],
     "dense_threshold": [-1, 2.0],
     "include": ["head", [1, 2]],

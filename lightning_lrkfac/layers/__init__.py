@@ -1,7 +1,7 @@
 """One small class per module type, and the choice of which modules of a model get one.
 
 To handle a new module type, subclass :class:`KFACLayer` (rows of inputs and output
-gradients, the gradient as a matrix) and add the class to :data:`LAYER_TYPES`.
+gradients, the gradient as a matrix) and pass the class to :func:`register_layer_type`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,32 @@ from .base import KFACLayer
 from .conv import Conv1dLayer, Conv2dLayer, Conv3dLayer, ConvLayer
 from .embedding import EmbeddingLayer
 from .linear import LinearLayer
+from .tied import TiedEmbeddingLayer, tie_reason
+from .transposed_linear import TransposedLinearLayer
 
-LAYER_TYPES: tuple[type[KFACLayer], ...] = (LinearLayer, Conv1dLayer, Conv2dLayer, Conv3dLayer, EmbeddingLayer)
+#: The layer classes tried in order on every module; :func:`register_layer_type` puts user classes first.
+LAYER_TYPES: list[type[KFACLayer]] = [
+    LinearLayer,
+    TransposedLinearLayer,
+    Conv1dLayer,
+    Conv2dLayer,
+    Conv3dLayer,
+    EmbeddingLayer,
+]
+
+
+def register_layer_type(layer_class: type[KFACLayer]) -> type[KFACLayer]:
+    """Handle the modules that ``layer_class`` handles (its ``module_type``, or its ``handles``) with it.
+
+    Tried before the built-in classes, so a subclass of ``nn.Linear`` with its own class wins; registering the
+    same class again does nothing. Usable as a class decorator.
+    """
+    if not (isinstance(layer_class, type) and issubclass(layer_class, KFACLayer)):
+        raise TypeError(f"register_layer_type takes a subclass of KFACLayer, got {layer_class!r}")
+    if layer_class not in LAYER_TYPES:
+        LAYER_TYPES.insert(0, layer_class)
+    return layer_class
+
 
 __all__ = [
     "LAYER_TYPES",
@@ -29,7 +53,10 @@ __all__ = [
     "EmbeddingLayer",
     "KFACLayer",
     "LinearLayer",
+    "TiedEmbeddingLayer",
+    "TransposedLinearLayer",
     "parameter_holders",
+    "register_layer_type",
 ]
 
 
@@ -61,7 +88,7 @@ def plain_reason(module: nn.Module) -> str | None:
 
 
 def layer_type(module: nn.Module) -> type[KFACLayer] | None:
-    return next((cls for cls in LAYER_TYPES if isinstance(module, cls.module_type)), None)
+    return next((cls for cls in LAYER_TYPES if cls.handles(module)), None)
 
 
 def select_layers(model: nn.Module, options: KFACOptions) -> tuple[list[KFACLayer], dict[str, str]]:
@@ -79,6 +106,32 @@ def select_layers(model: nn.Module, options: KFACOptions) -> tuple[list[KFACLaye
 
     def tied(name: str, module: nn.Module) -> list[str]:
         return sorted({other for p in module.parameters(recurse=False) for other in holders[id(p)]} - {name})
+
+    modules = dict(model.named_modules())
+    tie_handled: set[str] = set()
+
+    def tie_outcome(name: str, module: nn.Module, ties: list[str]) -> str | TiedEmbeddingLayer:
+        """The one block of an embedding table tied to a head, or why the tie keeps the plain gradient.
+
+        Several nn.Embedding modules holding the table (T5's encoder and decoder) are one use: their lookups add up.
+        """
+        holders = sorted([name, *ties])
+        shared = f"parameter shared with {ties} (tied weights)"
+        unselected = [other for other in ties if not selected(other) or excluded(other)]
+        if unselected:
+            return f"{shared}: {unselected} not selected (include/exclude)"
+        embeddings = [holder for holder in holders if isinstance(modules[holder], nn.Embedding)]
+        heads = [holder for holder in holders if holder not in embeddings]
+        if len(heads) != 1 or not embeddings:
+            return (
+                f"{shared}: used as {len(embeddings)} embedding(s) and {len(heads)} other module(s); "
+                "only a table used by nn.Embedding modules and one head is handled"
+            )
+        head = modules[heads[0]]
+        for embedding in embeddings:
+            if (reason := tie_reason(modules[embedding], head, options)) is not None:
+                return f"{shared}: {reason}"
+        return TiedEmbeddingLayer(heads[0], head, {holder: modules[holder] for holder in embeddings}, options)
 
     # nn.MultiheadAttention passes in_proj and out_proj's weight to a functional call: their hooks
     # never fire, unless precondition_attention swaps in a forward made of hookable pieces.
@@ -117,7 +170,14 @@ def select_layers(model: nn.Module, options: KFACOptions) -> tuple[list[KFACLaye
         elif not module.weight.requires_grad:
             skipped[name] = "frozen weight"
         elif ties := tied(name, module):
-            skipped[name] = f"parameter shared with {ties} (tied weights)"
+            if name in tie_handled:
+                continue
+            reason = tie_outcome(name, module, ties)
+            if isinstance(reason, str):
+                skipped[name] = reason
+            else:
+                layers.append(reason)
+                tie_handled.update(reason.hooked_modules())
         else:
             layers.append(cls.from_options(name, module, options))
     return layers, skipped

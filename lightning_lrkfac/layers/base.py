@@ -52,13 +52,18 @@ class KFACLayer(ABC):
     blocks: tuple[int, ...] = ()
 
     def __init__(self, name: str, module: nn.Module, in_dim: int, out_dim: int, has_bias: bool, augment: bool) -> None:
-        if not isinstance(module, self.module_type):
+        if not self.handles(module):
             raise TypeError(f"{type(self).__name__} handles {self.module_type.__name__}, got {type(module).__name__}")
         self.name, self.module = name, module
         self.in_dim, self.out_dim = in_dim, out_dim
         self.has_bias, self.augment = has_bias, augment
         self.a_factor: KroneckerFactor | None = None
         self.b_factor: KroneckerFactor | None = None
+
+    @classmethod
+    def handles(cls, module: nn.Module) -> bool:
+        """Whether ``module`` is of the type this class handles (override to match a type without importing it)."""
+        return isinstance(module, cls.module_type)
 
     @classmethod
     def from_options(cls, name: str, module: nn.Module, options: KFACOptions) -> KFACLayer:
@@ -191,13 +196,14 @@ class KFACLayer(ABC):
             or not weight_grad.is_contiguous()
         ):
             return None
+        matrix = self.as_matrix(weight_grad)
         a_factor, b_factor = self.factors
         if isinstance(b_factor, DenseFactor):  # (Q diag(c) Qᵀ): no diagonal part, core −c
             b_inverse = (None, b_factor.eigenvectors, -b_factor.inverse_coefficients)
         else:
             b_inverse = (b_factor.inverse_diag, b_factor.inverse_scaled_basis, b_factor.inverse_core)
         return fused.FusedKroneckerStep.plan(
-            weight_grad.view(self.out_dim, self.in_dim - int(self.augment)),
+            matrix,
             self.bias_grad() if self.augment else None,  # the ones column of A, written in place as well
             a_factor.eigenvectors,
             a_factor.inverse_scale,
@@ -212,6 +218,21 @@ class KFACLayer(ABC):
         return a_refresh + b_refresh + float(self.out_dim * self.in_dim) * (a_width + b_width)
 
     # -- statistics ---------------------------------------------------------------------
+    def hooked_modules(self) -> dict[str, nn.Module]:
+        """The modules (by name) whose inputs and output gradients this layer's statistics come from."""
+        return {self.name: self.module}
+
+    def record(
+        self,
+        pop: Callable[[nn.Module], tuple[list[Tensor], list[Tensor]]],
+        per_example_grad: Callable[[float], float | Tensor],
+        row_rule: StepRule | None = None,
+    ) -> None:
+        """Take what the capture recorded for this layer's modules (``pop``) and :meth:`accumulate` it."""
+        inputs, grads = pop(self.module)
+        if inputs and grads:
+            self.accumulate(inputs, grads, per_example_grad, row_rule)
+
     def accumulate(
         self,
         inputs: list[Tensor],
@@ -268,6 +289,10 @@ class KFACLayer(ABC):
         """Examples a mean-reduced loss averages over, for an output gradient of this shape."""
 
     # -- gradients ----------------------------------------------------------------------
+    def as_matrix(self, weight_like: Tensor) -> Tensor:
+        """A tensor shaped like the weight (its gradient) as (blocks…, out, in), a view: read and written through it."""
+        return weight_like.view(*self.blocks, self.out_dim, -1)
+
     def weight_grad(self) -> Tensor | None:
         """This layer's part of the weight gradient (the whole ``.grad`` unless the weight is shared out in parts)."""
         return self.weight.grad
@@ -280,7 +305,7 @@ class KFACLayer(ABC):
         weight_grad = self.weight_grad()
         if weight_grad is None:
             return None
-        matrix = weight_grad.reshape(*self.blocks, self.out_dim, -1)
+        matrix = self.as_matrix(weight_grad)
         if self.augment:
             bias_grad = self.bias_grad()
             if bias_grad is None:
@@ -299,9 +324,8 @@ class KFACLayer(ABC):
 
         One pass per tensor: the KL clip's scale is applied while writing, not as a pass of its own.
         """
-        weight_grad = self.weight_grad()
         columns = self.in_dim - int(self.augment)
-        write_scaled(weight_grad.view(*self.blocks, self.out_dim, columns), matrix[..., :columns], scale)
+        write_scaled(self.as_matrix(self.weight_grad()), matrix[..., :columns], scale)
         if self.augment and self.bias_grad() is not None:
             write_scaled(self.bias_grad().view(*self.blocks, self.out_dim), matrix[..., -1], scale)
         elif bias_column is not None:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..lowrank import DiagonalFactor, KroneckerFactor
-from .base import KFACLayer, write_scaled
+from .base import KFACLayer
 
 if TYPE_CHECKING:
     from ..options import KFACOptions
@@ -77,10 +77,6 @@ class EmbeddingLayer(KFACLayer):
     def num_samples(self, grads: Tensor) -> int:
         return grads.numel() // grads.shape[-1]
 
-    def grad_matrix(self) -> Tensor | None:
-        """∂L/∂Wᵀ as an embedding_dim × num_embeddings matrix (a view); None if no grad."""
-        weight_grad = self.weight.grad
-        return None if weight_grad is None else weight_grad.mT
-
-    def write_grads(self, matrix: Tensor, bias_column: Tensor | None, scale: Tensor | None = None) -> None:
-        write_scaled(self.weight.grad, matrix.mT, scale)
+    def as_matrix(self, weight_like: Tensor) -> Tensor:
+        """The (num_embeddings × dim) weight is Wᵀ of the Linear on one-hot inputs: its gradient read as dim × num_embeddings."""
+        return weight_like.mT

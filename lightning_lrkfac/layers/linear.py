@@ -27,8 +27,14 @@ class LinearLayer(KFACLayer):
         self, name: str, module: nn.Linear, bias_mode: str = "augment", weight_sharing: str = "expand"
     ) -> None:
         has_bias, augment = self.bias_flags(module, bias_mode)
-        super().__init__(name, module, module.in_features + int(augment), module.out_features, has_bias, augment)
+        in_features, out_features = self.features(module)
+        super().__init__(name, module, in_features + int(augment), out_features, has_bias, augment)
         self.reduce = weight_sharing == "reduce"
+
+    @staticmethod
+    def features(module: nn.Module) -> tuple[int, int]:
+        """(in, out) of the module's weight."""
+        return module.in_features, module.out_features
 
     @classmethod
     def from_options(cls, name: str, module: nn.Module, options: KFACOptions) -> LinearLayer:
