@@ -162,3 +162,63 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, 512, num_workers=self.num_workers)
+
+
+def python_docs_bytes() -> torch.Tensor:
+    """The Python reference documentation every Python ships (``pydoc_data.topics``), as UTF-8 bytes (vocabulary 256).
+
+    Topics in sorted order, separated by blank lines: about 0.47 MB of English prose and code, no download.
+    """
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+
+
+class TextWindows(torch.utils.data.Dataset):
+    """(tokens, next tokens) windows of ``context`` bytes at fixed offsets of a byte stream."""
+
+    def __init__(self, stream: torch.Tensor, offsets: torch.Tensor, context: int) -> None:
+        self.stream, self.offsets, self.context = stream, offsets, context
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        window = self.stream[self.offsets[index] : self.offsets[index] + self.context + 1]
+        return window[:-1], window[1:]
+
+
+class PythonDocsDataModule(TensorDataModule):
+    """Byte-level language modelling on the Python reference documentation (:func:`python_docs_bytes`).
+
+    A fixed split of the stream: the first 90% trains, the next 5% validates, the last 5% tests. Training
+    windows start at random offsets (drawn once from ``seed``; ``windows_per_epoch`` of them, by default as many
+    as cover the training bytes once); validation and test windows are consecutive and do not overlap.
+    Batches are (tokens, next tokens), each (batch, ``context``).
+    """
+
+    def __init__(
+        self, context: int = 128, batch_size: int = 16, windows_per_epoch: int | None = None, seed: int = 0
+    ) -> None:
+        super().__init__(batch_size, seed)
+        self.context, self.windows_per_epoch = context, windows_per_epoch
+
+    def setup(self, stage: str | None = None) -> None:
+        stream = python_docs_bytes()
+        train_end, val_end = int(0.9 * len(stream)), int(0.95 * len(stream))
+        train, val, test = stream[:train_end], stream[train_end:val_end], stream[val_end:]
+        count = self.windows_per_epoch or len(train) // self.context
+        generator = torch.Generator().manual_seed(self.seed)
+        offsets = torch.randint(0, len(train) - self.context, (count,), generator=generator)
+        self.train_set = TextWindows(train, offsets, self.context)
+        self.val_set, self.test_set = (
+            TextWindows(part, torch.arange(0, len(part) - self.context, self.context), self.context)
+            for part in (val, test)
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=64)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=64)

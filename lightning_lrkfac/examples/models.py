@@ -16,17 +16,21 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-OPTIMIZERS = ("sgd", "adam")
+from .optim import MuonWithAdamW
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "muon")
 
 
 class Trainable(pl.LightningModule):
-    """``self.net`` trained by SGD (with momentum, possibly 0) or Adam; a subclass defines ``_shared_step``."""
+    """``self.net`` trained by SGD (with momentum, possibly 0), Adam, AdamW, or Muon on the hidden matrices with
+    AdamW (at ``adamw_lr``) on the rest; a subclass defines ``_shared_step``."""
 
-    def __init__(self, lr: float, momentum: float, weight_decay: float, optimizer: str) -> None:
+    def __init__(self, lr: float, momentum: float, weight_decay: float, optimizer: str, adamw_lr: float = 3e-3) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.lr, self.momentum, self.weight_decay, self.optimizer_name = lr, momentum, weight_decay, optimizer
+        self.adamw_lr = adamw_lr
         self.net: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,9 +48,22 @@ class Trainable(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         self._shared_step(batch, "test")
 
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """Muon's parameters: the 2-D weights of every nn.Linear but the last (the output head)."""
+        linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
+        return [m.weight for m in linears[:-1]]
+
     def configure_optimizers(self):
         if self.optimizer_name == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer_name == "muon":
+            matrices = {id(p) for p in self.hidden_matrices()}
+            others = [p for p in self.parameters() if id(p) not in matrices]
+            return MuonWithAdamW(
+                self.hidden_matrices(), others, lr=self.lr, adamw_lr=self.adamw_lr, weight_decay=self.weight_decay
+            )
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
 
@@ -57,8 +74,10 @@ class Classifier(Trainable):
     is the mean over every position.
     """
 
-    def __init__(self, num_classes: int, lr: float, momentum: float, weight_decay: float, optimizer: str) -> None:
-        super().__init__(lr, momentum, weight_decay, optimizer)
+    def __init__(
+        self, num_classes: int, lr: float, momentum: float, weight_decay: float, optimizer: str, adamw_lr: float = 3e-3
+    ) -> None:
+        super().__init__(lr, momentum, weight_decay, optimizer, adamw_lr)
         self.accuracy = nn.ModuleDict(
             {f"{split}_acc": MulticlassAccuracy(num_classes) for split in ("train", "val", "test")}
         )
@@ -272,8 +291,9 @@ class GPTLanguageModel(Classifier):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         optimizer: str = "sgd",
+        adamw_lr: float = 3e-3,
     ) -> None:
-        super().__init__(vocab_size, lr, momentum, weight_decay, optimizer)
+        super().__init__(vocab_size, lr, momentum, weight_decay, optimizer, adamw_lr)
         self.save_hyperparameters()
         self.context = context
         self.tokens = nn.Embedding(vocab_size, width)
@@ -283,6 +303,18 @@ class GPTLanguageModel(Classifier):
         self.head = nn.Linear(width, vocab_size, bias=False)
         if tie_weights:
             self.head.weight = self.tokens.weight
+        self._init_weights(depth)
+
+    def _init_weights(self, depth: int) -> None:
+        """nanoGPT's initialisation: N(0, 0.02) weights and embeddings, zero biases, the residual projections
+        scaled by 1/√(2·depth). (PyTorch's N(0, 1) embeddings make a tied head's logits so large that the softmax
+        gradients underflow to subnormal floats, which slow CPU matmuls some 50×.)"""
+        for name, parameter in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(parameter)
+            elif parameter.dim() == 2:
+                residual = name.endswith(("attention.proj.weight", "mlp.2.weight"))
+                nn.init.normal_(parameter, std=0.02 / (2 * depth) ** 0.5 if residual else 0.02)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         batch, length = tokens.shape
@@ -292,6 +324,10 @@ class GPTLanguageModel(Classifier):
         positions = torch.arange(length, device=tokens.device).expand(batch, length)
         hidden = self.blocks(self.tokens(tokens) + self.positions(positions))
         return self.head(self.norm(hidden))
+
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """Muon's parameters: the blocks' 2-D weights (attention and MLP); embeddings and head go to AdamW."""
+        return [p for p in self.blocks.parameters() if p.dim() == 2]
 
 
 class MLPAutoencoder(Trainable):
