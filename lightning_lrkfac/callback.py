@@ -71,6 +71,15 @@ class LowRankKFACCallback(Callback):
         self.engine: LowRankKFAC | None = None
         self._pending_state: dict[str, Any] | None = None
 
+    @property
+    def coverage(self) -> list[dict[str, Any]]:
+        """One row per trainable parameter (name, size, whether preconditioned, how): the engine's, after ``setup``."""
+        if self.engine is None:
+            raise RuntimeError(
+                "LowRankKFACCallback.coverage is known once the Trainer has set the callback up (trainer.fit)"
+            )
+        return self.engine.coverage
+
     # -- set-up ---------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":

@@ -88,6 +88,18 @@ def test_trainer_run_on_digits_lowers_training_loss():
     assert [layer.name for layer in callback.engine.layers] == ["body.0", "body.2", "head"]
 
 
+def test_coverage_is_a_read_only_property_of_the_callback():
+    callback = LowRankKFACCallback(rank=8, log_stats=False)
+    with pytest.raises(RuntimeError, match="once the Trainer has set the callback up"):
+        callback.coverage
+    quiet_trainer(max_steps=1, callbacks=[callback]).fit(DigitsModule(), digits_loader(limit=64))
+    rows = {row["parameter"]: row for row in callback.coverage}
+    assert rows["head.weight"]["preconditioned"] and not rows["norm.weight"]["preconditioned"]
+    assert callback.coverage is callback.engine.coverage
+    with pytest.raises(AttributeError):
+        callback.coverage = []
+
+
 def test_only_handled_layers_get_preconditioned_gradients():
     batches = digits_loader(limit=64)
     records = {}
