@@ -72,3 +72,14 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for r in cells:
         print("  ".join(v.rjust(w) for v, w in zip(r, widths)), flush=True)
+
+
+def plot_runs(axes: Any, column: int, histories: dict[str, list[list[tuple[int, float, float]]]]) -> None:
+    """Each method's runs, (step, training seconds, metric) per check, as curves against steps (``axes[0, column]``)
+    and against wall time (``axes[1, column]``), one colour per method."""
+    for index, (name, runs) in enumerate(histories.items()):
+        for seed, history in enumerate(runs):
+            steps, seconds, value = zip(*history)
+            legend = name if seed == 0 else None
+            axes[0, column].plot(steps, value, color=f"C{index}", alpha=0.7, label=legend)
+            axes[1, column].plot(seconds, value, color=f"C{index}", alpha=0.7, label=legend)

@@ -31,7 +31,7 @@ import torch
 from lightning_lrkfac import LowRankKFACCallback
 from lightning_lrkfac.examples.models import MLPAutoencoder, MLPClassifier
 
-from .common import RESULTS, device_record, print_table, pyplot, write_json
+from .common import RESULTS, device_record, plot_runs, print_table, pyplot, write_json
 from .training import BATCH, TargetTracker, accuracy, data_module, label, negative_mse, quiet_trainer, tensors
 
 
@@ -210,14 +210,8 @@ def plot(tasks: list[Task], every_method: list[Method], curves: dict, name: str)
     if plt is None:
         return
     figure, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7), squeeze=False)
-    colors = {m.name: f"C{i}" for i, m in enumerate(every_method)}
     for column, task in enumerate(tasks):
-        for method in every_method:
-            for seed, history in enumerate(curves[(task.name, method.name)]):
-                steps, seconds, value = zip(*history)
-                legend = method.name if seed == 0 else None
-                axes[0, column].plot(steps, value, color=colors[method.name], alpha=0.7, label=legend)
-                axes[1, column].plot(seconds, value, color=colors[method.name], alpha=0.7, label=legend)
+        plot_runs(axes, column, {method.name: curves[(task.name, method.name)] for method in every_method})
         for row, xlabel in enumerate(("optimizer steps", "training seconds (wall)")):
             ax = axes[row, column]
             ax.axhline(task.shown(task.target), color="k", ls="--", lw=0.8)

@@ -1,4 +1,4 @@
-"""Options declared once (callback signature, README table, checkpoint signature) and step schedules."""
+"""Options declared once (callback signature, docs table, checkpoint signature) and step schedules."""
 
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ def test_callback_signature_is_the_options_declaration():
     assert LowRankKFACCallback().options == KFACOptions()
 
 
-def test_readme_option_table_is_generated_from_the_declaration():
-    assert markdown_table() in (ROOT / "README.md").read_text(), (
-        "paste lightning_lrkfac.options.markdown_table() into the README"
+def test_docs_option_table_is_generated_from_the_declaration():
+    assert markdown_table() in (ROOT / "docs/options.md").read_text(), (
+        "paste lightning_lrkfac.options.markdown_table() into docs/options.md"
     )
 
 

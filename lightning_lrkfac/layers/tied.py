@@ -122,7 +122,3 @@ class TiedEmbeddingLayer(LinearLayer):
                 b_factor.accumulate_diagonal(b, trace_match * scale * b_weight, new_estimate=index == 0)
             else:
                 b_factor.accumulate(b, trace_match * scale * b_weight, new_estimate=index == 0)
-
-    @classmethod
-    def from_options(cls, name: str, module: nn.Module, options: KFACOptions) -> LinearLayer:
-        raise TypeError("TiedEmbeddingLayer is built by select_layers from a tie of an embedding and a head")
