@@ -91,7 +91,7 @@ def test_trainer_run_on_digits_lowers_training_loss():
 def test_coverage_is_a_read_only_property_of_the_callback():
     callback = LowRankKFACCallback(rank=8, log_stats=False)
     with pytest.raises(RuntimeError, match="once the Trainer has set the callback up"):
-        callback.coverage
+        _ = callback.coverage
     quiet_trainer(max_steps=1, callbacks=[callback]).fit(DigitsModule(), digits_loader(limit=64))
     rows = {row["parameter"]: row for row in callback.coverage}
     assert rows["head.weight"]["preconditioned"] and not rows["norm.weight"]["preconditioned"]
