@@ -115,13 +115,13 @@ def select_layers(model: nn.Module, options: KFACOptions) -> tuple[list[KFACLaye
 
         Several nn.Embedding modules holding the table (T5's encoder and decoder) are one use: their lookups add up.
         """
-        holders = sorted([name, *ties])
+        users = sorted([name, *ties])
         shared = f"parameter shared with {ties} (tied weights)"
         unselected = [other for other in ties if not selected(other) or excluded(other)]
         if unselected:
             return f"{shared}: {unselected} not selected (include/exclude)"
-        embeddings = [holder for holder in holders if isinstance(modules[holder], nn.Embedding)]
-        heads = [holder for holder in holders if holder not in embeddings]
+        embeddings = [user for user in users if isinstance(modules[user], nn.Embedding)]
+        heads = [user for user in users if user not in embeddings]
         if len(heads) != 1 or not embeddings:
             return (
                 f"{shared}: used as {len(embeddings)} embedding(s) and {len(heads)} other module(s); "
@@ -131,7 +131,7 @@ def select_layers(model: nn.Module, options: KFACOptions) -> tuple[list[KFACLaye
         for embedding in embeddings:
             if (reason := tie_reason(modules[embedding], head, options)) is not None:
                 return f"{shared}: {reason}"
-        return TiedEmbeddingLayer(heads[0], head, {holder: modules[holder] for holder in embeddings}, options)
+        return TiedEmbeddingLayer(heads[0], head, {user: modules[user] for user in embeddings}, options)
 
     # nn.MultiheadAttention passes in_proj and out_proj's weight to a functional call: their hooks
     # never fire, unless precondition_attention swaps in a forward made of hookable pieces.
@@ -172,12 +172,12 @@ def select_layers(model: nn.Module, options: KFACOptions) -> tuple[list[KFACLaye
         elif ties := tied(name, module):
             if name in tie_handled:
                 continue
-            reason = tie_outcome(name, module, ties)
-            if isinstance(reason, str):
-                skipped[name] = reason
+            outcome = tie_outcome(name, module, ties)
+            if isinstance(outcome, str):
+                skipped[name] = outcome
             else:
-                layers.append(reason)
-                tie_handled.update(reason.hooked_modules())
+                layers.append(outcome)
+                tie_handled.update(outcome.hooked_modules())
         else:
             layers.append(cls.from_options(name, module, options))
     return layers, skipped
