@@ -59,11 +59,10 @@ class Trainable(pl.LightningModule):
         if self.optimizer_name == "adamw":
             return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         if self.optimizer_name == "muon":
-            matrices = {id(p) for p in self.hidden_matrices()}
-            others = [p for p in self.parameters() if id(p) not in matrices]
-            return MuonWithAdamW(
-                self.hidden_matrices(), others, lr=self.lr, adamw_lr=self.adamw_lr, weight_decay=self.weight_decay
-            )
+            matrices = self.hidden_matrices()
+            ids = {id(m) for m in matrices}
+            others = [p for p in self.parameters() if id(p) not in ids]
+            return MuonWithAdamW(matrices, others, lr=self.lr, adamw_lr=self.adamw_lr, weight_decay=self.weight_decay)
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
 

@@ -15,6 +15,14 @@ if TYPE_CHECKING:
     from ..step_rules import Bases, RowPairing
 
 
+def token_counts(tokens: Tensor, vocabulary: int, padding_idx: int | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(per-token counts, each position's weight: 0 at ``padding_idx``, else 1), by scatter-add: no host sync."""
+    ones = torch.ones(tokens.shape, device=tokens.device, dtype=dtype)
+    if padding_idx is not None:
+        ones = ones * (tokens != padding_idx)
+    return torch.zeros(vocabulary, device=tokens.device, dtype=dtype).index_add_(0, tokens, ones), ones
+
+
 class EmbeddingLayer(KFACLayer):
     """y = Wᵀx with x one-hot (out = embedding_dim, in = num_embeddings); every position an example.
 
@@ -53,10 +61,7 @@ class EmbeddingLayer(KFACLayer):
         A one-hot row in the standard basis squares to itself, so EKFAC's pairs scatter B's rows by token.
         """
         tokens = torch.cat([x.reshape(-1) for x in inputs])
-        ones = torch.ones(tokens.shape, device=tokens.device, dtype=self.a_factor.dtype)
-        if self.module.padding_idx is not None:
-            ones = ones * (tokens != self.module.padding_idx)
-        counts = torch.zeros(self.in_dim, device=tokens.device, dtype=self.a_factor.dtype).index_add_(0, tokens, ones)
+        counts, ones = token_counts(tokens, self.in_dim, self.module.padding_idx, self.a_factor.dtype)
         self.a_factor.accumulate_diagonal(counts, 1.0 / tokens.numel())
         if bases is None:
             return None

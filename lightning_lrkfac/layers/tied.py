@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import concat
+from .embedding import EmbeddingLayer, token_counts
 from .linear import LinearLayer
 
 if TYPE_CHECKING:
@@ -34,20 +35,18 @@ def tie_reason(embedding: nn.Module, head: nn.Module, options: KFACOptions) -> s
     """Why a tie of ``embedding`` and ``head`` keeps the plain gradient; None when it is handled."""
     if not options.precondition_tied_embeddings:
         return "precondition_tied_embeddings=False"
-    if not options.precondition_embeddings:
-        return "precondition_embeddings=False"
     if options.step_rule == "ekfac":
         return "tied weights under step_rule='ekfac' (per-example pairs of two uses): not handled"
     if not isinstance(embedding, nn.Embedding) or type(head) is not nn.Linear:
         return f"tie between {type(embedding).__name__} and {type(head).__name__}: only an nn.Embedding with an nn.Linear head is handled"
+    if (reason := EmbeddingLayer.unsupported(embedding, options)) is not None:  # the embedding's own conditions
+        return reason
     vocabulary, width = embedding.num_embeddings, embedding.embedding_dim
     if (head.out_features, head.in_features) != (vocabulary, width) or head.weight.shape != (vocabulary, width):
         return (
             f"tie of incompatible shapes: nn.Embedding({vocabulary}, {width}) and nn.Linear(in={head.in_features}, "
             f"out={head.out_features}) holding a weight of shape {tuple(head.weight.shape)}"
         )
-    if embedding.sparse or embedding.scale_grad_by_freq:
-        return "tied nn.Embedding with sparse=True or scale_grad_by_freq=True: not handled"
     return None
 
 
@@ -75,7 +74,7 @@ class TiedEmbeddingLayer(LinearLayer):
         """Both uses' statistics, balanced and summed into one micro-batch estimate of each factor."""
         a_factor, b_factor = self.factors
         dtype = b_factor.dtype
-        uses = []  # (A rows, A weight, B statistic, B weight, is_diagonal, tr A-side, tr B-side)
+        uses = []  # (A rows, A weight, B rows or token counts, B weight, whether B is the diagonal counts)
         inputs, grads = pop(self.module)
         if inputs and grads:
             rows = concat([self._input_rows(x) for x in inputs]).to(dtype)
@@ -90,10 +89,7 @@ class TiedEmbeddingLayer(LinearLayer):
         tokens = [x.reshape(-1) for inputs, grads in lookups if grads for x in inputs]
         if tokens:
             tokens = torch.cat(tokens)
-            ones = torch.ones(tokens.shape, device=tokens.device, dtype=dtype)
-            if self.padding_idx is not None:
-                ones = ones * (tokens != self.padding_idx)
-            counts = torch.zeros(self.out_dim, device=tokens.device, dtype=dtype).index_add_(0, tokens, ones)
+            counts, _ = token_counts(tokens, self.out_dim, self.padding_idx, dtype)
             # each call's output gradients made per-example by its own number of positions
             width_rows = concat(
                 [
