@@ -26,7 +26,7 @@ class LowRankKFACCallback(Callback):
 
     Every handled ``nn.Linear`` / ``nn.Conv1d/2d/3d`` / ``nn.Embedding`` (and, opt-in, ``nn.MultiheadAttention``) gets
     Kronecker factors A (inputs) and B (output gradients), each kept as a rank-``rank``
-    approximation (B: plus its exact diagonal), or dense when ``rank`` ≥ its size. Before
+    approximation (B: plus its exact diagonal), or dense when small (``dense_threshold``). Before
     each optimizer step the gradient G of the layer is replaced by (B + δ_B I)⁻¹ G (A + δ_A I)⁻¹
     with π-damping (or, with ``step_rule``, by EKFAC's or SOAP's step in the kept eigenbasis);
     the user's optimizer then takes the step. Other parameters keep their plain gradient. The options are those of :class:`~lightning_lrkfac.options.KFACOptions`.
@@ -52,7 +52,7 @@ class LowRankKFACCallback(Callback):
         precondition_embeddings: bool = True,
         precondition_tied_embeddings: bool = True,
         precondition_attention: bool = False,
-        dense_threshold: int = 0,
+        dense_threshold: int | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         fisher_type: str = "empirical",

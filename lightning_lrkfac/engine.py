@@ -119,7 +119,7 @@ class LowRankKFAC:
             layer.build_factors(
                 options.rank,
                 options.oversampling,
-                options.dense_threshold,
+                options.dense_size,
                 options.isotropic_tail,
                 self.generator,
                 self._factor_dtype(layer),

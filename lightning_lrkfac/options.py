@@ -152,7 +152,13 @@ class KFACOptions:
         "a forward of hookable pieces swapped in while attached (state_dict keys unchanged)",
         BOOL,
     )
-    dense_threshold: int = option(0, "also keep factors of size ≤ this dense", NON_NEGATIVE_INT, checkpoint=True)
+    dense_threshold: int | None = option(
+        None,
+        "also keep factors of size ≤ this dense (exact); null: 2·(rank + oversampling), the size up to which the exact "
+        "Gram costs no more than the sketch (and its diagonal); 0: only factors of size ≤ rank",
+        Check("an integer ≥ 0 or null", lambda v: v is None or NON_NEGATIVE_INT.test(v)),
+        checkpoint=True,
+    )
     include: list[str] | None = option(None, "glob patterns of module names to handle (null: all)", PATTERNS)
     exclude: list[str] | None = option(None, "glob patterns of module names to leave plain", PATTERNS)
     fisher_type: str = option(
@@ -210,6 +216,12 @@ class KFACOptions:
                 "LowRankKFAC: `step_rule`='soap' keeps Adam moments on every rank: `work_distribution` must be "
                 f"'replicate', got {self.work_distribution!r}"
             )
+
+    @property
+    def dense_size(self) -> int:
+        """Factors of this size or less are kept dense: ``dense_threshold``, or 2·(rank + oversampling) when null."""
+        threshold = 2 * (self.rank + self.oversampling) if self.dense_threshold is None else self.dense_threshold
+        return max(self.rank, threshold)
 
     def signature(self) -> dict[str, Any]:
         """The options a checkpoint's curvature state depends on: they must match to resume."""

@@ -27,9 +27,10 @@ LR = 0.1
 
 
 def kfac_options(args: argparse.Namespace) -> dict:
+    """dense_threshold 0: below rank 65 every factor (the head's B of 10 too) is low-rank, sketches communicated."""
     return dict(
         rank=args.rank, oversampling=4, basis_update_interval=2, work_distribution=args.work, log_stats=False,
-        step_rule=args.step_rule,
+        step_rule=args.step_rule, dense_threshold=0,
     )  # fmt: skip
 
 

@@ -58,7 +58,7 @@ def test_fused_step_equals_dense_inverses_and_the_literal_kl_clip(bias_rate, iso
     if bias:  # the KL clip sums one ⟨N, G⟩ per layer at the same rate, the weight's and bias's apart at their own
         groups.append({"params": [p for p in model.parameters() if p.dim() == 1], "lr": bias_rate})
     optimizer = torch.optim.SGD(groups)
-    options = {"rank": 5, "isotropic_tail": isotropic_tail, "kl_clip": kl_clip, "damping": 1e-2}
+    options = {"rank": 5, "dense_threshold": 0, "isotropic_tail": isotropic_tail, "kl_clip": kl_clip, "damping": 1e-2}
     with LowRankKFAC(model, basis_update_interval=1, **options) as kfac:
         for _ in range(3):  # the last step preconditions with bases refreshed three times
             model.zero_grad()

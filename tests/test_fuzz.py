@@ -79,7 +79,7 @@ valid_options = st.fixed_dictionaries(
         "weight_sharing": st.sampled_from(["expand", "reduce"]),
         "precondition_embeddings": st.booleans(),
         "precondition_attention": st.booleans(),
-        "dense_threshold": st.integers(0, 8),
+        "dense_threshold": st.none() | st.integers(0, 8),
         "fisher_type": st.sampled_from(["empirical", "mc"]),
         "factor_dtype": st.sampled_from([None, "float32", "float64"]),
         "skip_non_finite_steps": st.booleans(),

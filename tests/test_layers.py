@@ -157,3 +157,25 @@ def test_low_rank_conv_sketch_takes_half_precision_inputs():
     reference.build_factors(4, 2, 0, False, torch.Generator().manual_seed(0), torch.float32)
     reference._accumulate_inputs([x.bfloat16().float()])
     torch.testing.assert_close(layer.a_factor.pending_sketch, reference.a_factor.pending_sketch)
+
+
+@pytest.mark.parametrize("low_rank", [True, False], ids=["low-rank-A", "dense-A"])
+def test_conv_statistics_taken_a_few_examples_at_a_time_equal_one_pass(low_rank, monkeypatch):
+    """A conv's output gradients become rows a few examples at a time, and Σ x² of a low-rank A's trace is summed
+    over pieces of the batch: the same pending sums, one estimate per call."""
+    conv = nn.Conv2d(3, 6, 3, stride=2, padding=1).double()
+    inputs = [torch.randn(9, 3, 8, 8, dtype=torch.float64) for _ in range(2)]  # a module called twice
+    grads = [torch.randn(9, 6, 4, 4, dtype=torch.float64) for _ in range(2)]
+    layers = []
+    for chunk in (None, 2 * 6 * 4 * 4):  # whole, then 2 examples of output gradients (or input rows) per piece
+        if chunk is not None:
+            monkeypatch.setattr("lightning_lrkfac.lowrank.CPU_CHUNK_ELEMENTS", chunk)
+        layer = layer_type(conv)("conv", conv)
+        layer.build_factors(2 if low_rank else 64, 2, 0, False, torch.Generator().manual_seed(0), torch.float64)
+        layer.accumulate(inputs, grads, lambda examples: examples)
+        layers.append(layer)
+    whole, pieces = layers
+    for factor_whole, factor_pieces in zip(whole.factors, pieces.factors):
+        for got, expected in zip(factor_pieces.pending_tensors(), factor_whole.pending_tensors()):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        assert factor_pieces.pending_count == factor_whole.pending_count == 1

@@ -196,3 +196,26 @@ def test_implicit_ones_column_equals_the_materialised_column(kind, weight):
     for got, expected in zip(implicit.pending_tensors(), explicit.pending_tensors()):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert any(float(t.abs().sum()) > 0 for t in implicit.pending_tensors())
+
+
+@pytest.mark.parametrize(
+    "kind, ones_column",  # B factors and the embedding's diagonal A have no ones column
+    [("dense", False), ("dense", True), ("low-rank", False), ("low-rank", True), ("diag-plus-low-rank", False),
+     ("diagonal", False)],
+)  # fmt: skip
+def test_statistics_taken_in_pieces_equal_one_pass(kind, ones_column, monkeypatch):
+    """On a CPU large row blocks are accumulated a piece at a time (to stay in cache): the same sums and one estimate."""
+    make = {
+        "dense": lambda: DenseFactor(13, CPU, DT),
+        "low-rank": lambda: new_factor(LowRankFactor, 13, 3),
+        "diag-plus-low-rank": lambda: new_factor(DiagPlusLowRankFactor, 13, 3),
+        "diagonal": lambda: DiagonalFactor(13, CPU, DT),
+    }[kind]
+    rows = torch.randn(50, 13 - int(ones_column), dtype=DT)
+    whole, pieces = make(), make()
+    whole.accumulate(rows, 0.3, ones_column=ones_column)
+    monkeypatch.setattr("lightning_lrkfac.lowrank.CPU_CHUNK_ELEMENTS", 7 * rows.shape[1])  # 7-row pieces, 1 left
+    pieces.accumulate(rows, 0.3, ones_column=ones_column)
+    for got, expected in zip(pieces.pending_tensors(), whole.pending_tensors()):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert pieces.pending_count == whole.pending_count == 1

@@ -162,7 +162,7 @@ def test_64_true_precision_gives_float64_factors_unless_set(factor_dtype, expect
 def trained_engine(steps: int = 3) -> tuple[nn.Module, LowRankKFAC]:
     torch.manual_seed(0)
     model, x, y = mlp([6, 9, 4]), torch.randn(16, 6), torch.randint(0, 4, (16,))
-    kfac = LowRankKFAC(model, rank=4, basis_update_interval=2)
+    kfac = LowRankKFAC(model, rank=4, dense_threshold=0, basis_update_interval=2)
     for _ in range(steps):
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -209,7 +209,7 @@ def test_long_run_does_not_grow_and_nothing_captured_outlives_its_step():
     torch.manual_seed(0)
     model, x, y = mlp([8, 16, 16, 4]), torch.randn(32, 8), torch.randint(0, 4, (32,))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    kfac = LowRankKFAC(model, rank=4, factor_update_interval=3, basis_update_interval=7)
+    kfac = LowRankKFAC(model, rank=4, dense_threshold=0, factor_update_interval=3, basis_update_interval=7)
     captured = kfac.capture
     counts, memory = {}, {}
     tracemalloc.start()

@@ -90,7 +90,9 @@ def test_ekfac_in_exact_mode_equals_dense_ekfac_with_the_eigenbasis_held_fixed()
 def low_rank_engine(step_rule: str, **options) -> tuple[nn.Module, LowRankKFAC]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 12), nn.Tanh(), nn.Linear(12, 10)).double()
-    defaults = dict(rank=4, damping=DAMPING, kl_clip=None, basis_update_interval=100, step_rule=step_rule)
+    defaults = dict(
+        rank=4, dense_threshold=0, damping=DAMPING, kl_clip=None, basis_update_interval=100, step_rule=step_rule
+    )
     return model, LowRankKFAC(model, **{**defaults, **options})
 
 

@@ -249,15 +249,22 @@ class KFACLayer(ABC):
         bases = None if row_rule is None else row_rule.bases
         pairing = self._accumulate_inputs(inputs, bases)
         samples = sum(self.num_samples(g) for g in grads)
-        b_rows = concat([self.output_grad_rows(g) for g in grads]).to(self.b_factor.dtype)
         multiplier = per_example_grad(samples / len(grads))
+        if pairing is None and not isinstance(multiplier, Tensor):  # (m·rows)ᵀ(m·rows) = m²·rowsᵀrows
+            self._accumulate_output_grads(grads, multiplier * multiplier / samples)
+            return
+        b_rows = concat([self.output_grad_rows(g) for g in grads]).to(self.b_factor.dtype)
         if isinstance(multiplier, Tensor):  # e.g. the AMP loss scale, kept on the device
             b_rows, weight = b_rows * multiplier, 1.0 / samples
-        else:  # (m·rows)ᵀ(m·rows) = m²·rowsᵀrows: no n×d multiply
+        else:
             weight = multiplier * multiplier / samples
         self.b_factor.accumulate(b_rows, weight)
         if pairing is not None:
             row_rule.accumulate_rows(b_rows, pairing, weight)
+
+    def _accumulate_output_grads(self, grads: list[Tensor], weight: float) -> None:
+        """Add weight · rowsᵀrows of the output gradients (every call of the module: one estimate) to B."""
+        self.b_factor.accumulate(concat([self.output_grad_rows(g) for g in grads]), weight)
 
     def _accumulate_inputs(self, inputs: list[Tensor], bases: Bases | None = None) -> RowPairing | None:
         """Add the inputs to A; with ``bases``, also return how to pair B-rows with the A-rows in U's coordinates."""

@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..compat import pad_like_conv
-from ..lowrank import DenseFactor, LowRankFactor
+from ..lowrank import DenseFactor, LowRankFactor, row_chunks
 from .base import KFACLayer
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
 #: Numbers of patches unfolded at once for a dense A's statistics (4 MB in float32).
 UNFOLD_ELEMENTS = 1 << 20
 
@@ -51,6 +52,15 @@ def conv_patches(module: nn.Module, inputs: Tensor) -> Tensor:
     return inputs.reshape(-1, module.in_channels * math.prod(module.kernel_size))
 
 
+def patch_counts(module: nn.Module, inputs: Tensor, out_size: torch.Size, geometry: dict) -> Tensor:
+    """How many (output location, kernel tap) pairs read each input position: the conv's input gradient of all-ones
+    output gradients and an all-ones kernel. Σ over patches of ‖p‖² is then Σ x² weighted by it."""
+    dims = len(module.kernel_size)
+    ones = inputs.new_ones(1, 1, *module.kernel_size)
+    counts = CONV_INPUT_GRAD[dims]((1, 1, *inputs.shape[2:]), ones, ones.new_ones(1, 1, *out_size), **geometry)
+    return counts[0, 0]
+
+
 class ConvLayer(KFACLayer):
     """What the three conv classes share; the weight of each group is (out/groups) × (in/groups·kernel)."""
 
@@ -66,13 +76,13 @@ class ConvLayer(KFACLayer):
         """Grouped convolutions are kept exact per group: their blocks must be within the dense limit."""
         if module.groups == 1:
             return None
-        limit = max(options.rank, options.dense_threshold)
+        limit = options.dense_size
         sizes = (module.weight[0].numel() + 1, module.out_channels // module.groups)
         if max(sizes) <= limit:
             return None
         return (
-            f"groups={module.groups} with per-group factors of sizes {sizes} above max(rank, dense_threshold)={limit}: "
-            "grouped blocks are kept exact only; raise `dense_threshold` to cover them"
+            f"groups={module.groups} with per-group factors of sizes {sizes} above the dense size {limit}: grouped "
+            "blocks are kept exact only; raise `dense_threshold` to cover them"
         )
 
     def describe(self) -> str:
@@ -96,7 +106,6 @@ class ConvLayer(KFACLayer):
         test = self.a_factor.test  # computed in the factor's dtype, as the patches would be
         body = test[:-1] if self.augment else test
         kernels = body.mT.reshape(body.shape[1], module.in_channels, *module.kernel_size)
-        ones = torch.ones(1, module.in_channels, *module.kernel_size, dtype=test.dtype, device=test.device)
         products, squares, rotated, rows = [], [], [], 0
         for x in inputs:
             x, padding = explicitly_padded(module, self._batched(x).to(test.dtype))
@@ -104,7 +113,8 @@ class ConvLayer(KFACLayer):
             projected = conv(x, kernels, test[-1] if self.augment else None, **geometry)  # P V, (N, m, *out)
             product = weight_grad(x, kernels.shape, projected, **geometry).reshape(body.shape[1], -1).mT
             locations = projected.numel() // projected.shape[1]
-            square = conv(x.square(), ones, **geometry).sum()
+            counts = patch_counts(module, x, projected.shape[2:], geometry)
+            square = (sum(piece.square().sum((0, 1)) for piece in row_chunks(x, dim=0)) * counts).sum()
             if self.augment:  # the ones column: its row of Pᵀ(PV) is Σ PV, its square 1 per location
                 product = torch.cat([product, projected.transpose(0, 1).reshape(body.shape[1], -1).sum(1)[None]])
                 square = square + locations
@@ -158,6 +168,13 @@ class ConvLayer(KFACLayer):
     def output_grad_rows(self, grads: Tensor) -> Tensor:
         grads = self._batched(grads)
         return self._grouped(grads.movedim(1, -1).reshape(-1, grads.shape[1]))
+
+    def _accumulate_output_grads(self, grads: list[Tensor], weight: float) -> None:
+        """A few examples at a time on a CPU (:func:`~..lowrank.row_chunks`): the copy that turns (N, C, …) into
+        rows, and what is computed from it, stay in cache."""
+        pieces = [piece for g in grads for piece in row_chunks(self._batched(g), dim=0)]
+        for index, piece in enumerate(pieces):
+            self.b_factor.accumulate(self.output_grad_rows(piece), weight, new_estimate=index == 0)
 
     def num_samples(self, grads: Tensor) -> int:
         """The batch: a mean-reduced loss averages over examples, not locations."""
