@@ -52,13 +52,16 @@ def test_callback_options_settable_from_command_line(tmp_path, monkeypatch):
     assert len(callbacks) == 1 and callbacks[0].options.rank == 4
 
 
-def test_main_job_reaches_good_test_accuracy(tmp_path, monkeypatch, capsys):
+def test_main_job_stops_at_its_target_and_reports_steps_and_time(tmp_path, monkeypatch, capsys):
+    """The README's main job: stopped by 95% validation accuracy well before its 30 epochs, then tested."""
     monkeypatch.chdir(tmp_path)
-    lrkfac(
-        ["fit", "--config", str(ROOT / "configs/digits_mlp.yaml"), "--trainer.max_epochs=5", "--trainer.logger=false"]
-    )
-    line = [s for s in capsys.readouterr().out.splitlines() if s.startswith("test accuracy:")][-1]
-    assert float(line.split(":")[1]) > 0.9, line
+    config = str(ROOT / "configs/mnist1d_cnn_large_batch.yaml")
+    lrkfac(["fit", "--config", config, "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if ": " in line)
+    assert float(lines["test accuracy"]) > 0.93, lines
+    steps_per_epoch = 14_400 // 512
+    assert 0 < int(lines["optimizer steps"]) < 10 * steps_per_epoch, lines
+    assert lines["training wall time"].endswith(" s)"), lines
 
 
 def test_lightning_trainer_example_runs(tmp_path, monkeypatch):
@@ -105,3 +108,27 @@ def test_autoencoder_config_trains_with_soap_and_prints_the_test_mse(tmp_path, m
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("test MSE:")]
     assert len(lines) == 1
     assert float(lines[0].split(":")[1]) < 0.06, lines
+
+
+def test_strided_cnn_and_conv1d_hidden_layers_have_the_stated_shapes():
+    """The step-cost CNN (3 strided convs, no pooling) and the main job's Conv1d net with a hidden layer."""
+    import torch
+    from torch import nn
+
+    from lightning_lrkfac.examples.models import CNNClassifier, Conv1dClassifier
+
+    cnn = CNNClassifier(image_size=28, channels=(32, 64, 64), strides=(1, 2, 2))
+    convs = [m for m in cnn.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.stride for c in convs] == [(1, 1), (2, 2), (2, 2)] and not any(
+        isinstance(m, nn.MaxPool2d) for m in cnn.modules()
+    )
+    assert cnn(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert [m.in_features for m in cnn.modules() if isinstance(m, nn.Linear)] == [64 * 7 * 7]
+    with pytest.raises(ValueError, match="`strides` must give one stride per conv"):
+        CNNClassifier(channels=(32, 64), strides=(1,))
+    net = Conv1dClassifier(length=40, channels=(32, 64), hidden=(128,))
+    assert [(m.in_features, m.out_features) for m in net.modules() if isinstance(m, nn.Linear)] == [
+        (64 * 10, 128),
+        (128, 10),
+    ]
+    assert net(torch.randn(3, 40)).shape == (3, 10)

@@ -3,6 +3,8 @@ generated token sequences, and CIFAR-10 from a local folder (torchvision, option
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -60,6 +62,19 @@ class DigitsDataModule(TensorDataModule):
         self.train_set, self.val_set, self.test_set = _split(x, y, (0.15, 0.15), self.seed)
 
 
+@functools.cache
+def _mnist1d(num_samples: int) -> dict:
+    """The mnist1d arrays, generated from templates (no download) once per process: Lightning calls ``setup`` at
+    every fit, and generating 20,000 signals takes about 10 s."""
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as error:
+        raise ImportError("MNIST1DDataModule needs the mnist1d package (a dependency): `pip install mnist1d`") from error
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    return make_dataset(args)
+
+
 class MNIST1DDataModule(TensorDataModule):
     """mnist1d (Greydanus 2020), generated locally from its templates: 40-long 1D signals, 10 classes.
 
@@ -71,13 +86,7 @@ class MNIST1DDataModule(TensorDataModule):
         self.num_samples = num_samples
 
     def setup(self, stage: str | None = None) -> None:
-        try:
-            from mnist1d.data import get_dataset_args, make_dataset
-        except ImportError as error:
-            raise ImportError("MNIST1DDataModule needs the mnist1d package: `pip install -e .[mnist1d]`") from error
-        args = get_dataset_args()
-        args.num_samples = self.num_samples
-        data = make_dataset(args)  # generated from templates: no download
+        data = _mnist1d(self.num_samples)
         x, y = data["x"], data["y"]
         val = len(y) // 10
         self.train_set, self.val_set = _tensor_dataset(x[val:], y[val:]), _tensor_dataset(x[:val], y[:val])

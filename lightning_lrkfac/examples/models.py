@@ -118,7 +118,8 @@ class MLPClassifier(Classifier):
 
 
 class CNNClassifier(Classifier):
-    """Two 3×3 conv blocks (conv-ReLU-maxpool) and a linear head; for 1D or 2D inputs reshaped to images."""
+    """3×3 conv blocks and a linear head, for 1D or 2D inputs reshaped to images. Each block is conv-ReLU-maxpool, or
+    with ``strides`` given, a conv of that stride and ReLU (no pooling)."""
 
     def __init__(
         self,
@@ -130,20 +131,28 @@ class CNNClassifier(Classifier):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         optimizer: str = "sgd",
+        strides: Sequence[int] | None = None,
     ) -> None:
         super().__init__(num_classes, lr, momentum, weight_decay, optimizer)
         self.save_hyperparameters()
+        if strides is not None and len(strides) != len(channels):
+            raise ValueError(f"`strides` must give one stride per conv ({len(channels)}), got {list(strides)}")
         layers: list[nn.Module] = []
         size, previous = image_size, in_channels
-        for width in channels:
-            layers += [nn.Conv2d(previous, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
-            size, previous = size // 2, width
+        for index, width in enumerate(channels):
+            if strides is None:
+                layers += [nn.Conv2d(previous, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+                size, previous = size // 2, width
+                continue
+            layers += [nn.Conv2d(previous, width, 3, stride=strides[index], padding=1), nn.ReLU()]
+            size, previous = (size - 1) // strides[index] + 1, width
         layers += [nn.Flatten(), nn.Linear(previous * size * size, num_classes)]
         self.net = nn.Sequential(*layers)
 
 
 class Conv1dClassifier(Classifier):
-    """1D CNN for signals (batch, length): conv-ReLU-maxpool blocks (same padding) and a linear head."""
+    """1D CNN for signals (batch, length): conv-ReLU-maxpool blocks (same padding), then ``hidden`` linear-ReLU
+    layers (none by default) and a linear head."""
 
     def __init__(
         self,
@@ -155,6 +164,7 @@ class Conv1dClassifier(Classifier):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         optimizer: str = "sgd",
+        hidden: Sequence[int] = (),
     ) -> None:
         super().__init__(num_classes, lr, momentum, weight_decay, optimizer)
         self.save_hyperparameters()
@@ -163,7 +173,12 @@ class Conv1dClassifier(Classifier):
         for width in channels:
             layers += [nn.Conv1d(previous, width, kernel_size, padding=kernel_size // 2), nn.ReLU(), nn.MaxPool1d(2)]
             size, previous = size // 2, width
-        layers += [nn.Flatten(), nn.Linear(previous * size, num_classes)]
+        layers.append(nn.Flatten())
+        previous *= size
+        for width in hidden:
+            layers += [nn.Linear(previous, width), nn.ReLU()]
+            previous = width
+        layers.append(nn.Linear(previous, num_classes))
         self.net = nn.Sequential(*layers)
 
 
