@@ -1,7 +1,7 @@
 """Run every benchmark: ``python -m benchmarks [--quick] [--only NAME ...]``, or the GPU check: ``--gpu``.
 
---quick (about 40 minutes on 2 CPU cores) shrinks sizes, grids and repeats; without it the
-scripts run their full settings (meant for a GPU). Each writes JSON and PNG to
+--quick (about 2 hours on 2 CPU cores, 45 minutes of them batch_scaling, which has no quick mode) shrinks sizes,
+grids and repeats; without it the scripts run their full settings (meant for a GPU). Each writes JSON and PNG to
 benchmarks/results/ and prints its table. --gpu runs benchmarks/gpu.py: the CUDA tests and
 the GPU step-ratio and layer-scaling checks, into benchmarks/results/gpu/.
 """
@@ -22,6 +22,7 @@ BENCHMARKS = {
     "embeddings": False,
     "defaults": False,
     "step_rules": True,
+    "batch_scaling": False,
 }
 
 

@@ -38,7 +38,7 @@ from lightning_lrkfac.examples.data import PythonDocsDataModule
 from lightning_lrkfac.examples.models import GPTLanguageModel
 
 from .common import RESULTS, device_record, plot_runs, print_table, pyplot, write_json
-from .training import TargetTracker, label, quiet_trainer
+from .training import StopAtTarget, label, quiet_trainer
 
 CONTEXT, WIDTH, DEPTH, HEADS, VOCABULARY = 128, 128, 4, 4, 256
 VALIDATION_WINDOWS = 64
@@ -80,15 +80,6 @@ METHODS = [
 def negative_loss(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> float:
     """−(validation cross-entropy in nats per byte): a score where higher is better."""
     return -float(F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]).cpu(), targets.reshape(-1)))
-
-
-class StopAtTarget(TargetTracker):
-    """The target tracker, ending the run once the validation loss reaches the target."""
-
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super()._evaluate(trainer, pl_module)
-        if self.steps_to_target is not None:
-            trainer.should_stop = True
 
 
 def data(regime: Regime, seed: int) -> PythonDocsDataModule:

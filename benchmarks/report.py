@@ -32,6 +32,10 @@ def _steps(value: float) -> str:
     return "never" if not math.isfinite(value) else f"{value:.0f}"
 
 
+def _milliseconds(value: float) -> str:
+    return f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
+
+
 def _ratio(value: float) -> str:
     """A ratio to a baseline, in bold where the callback is faster (below 1)."""
     text = f"{_number(value)}×"
@@ -136,31 +140,86 @@ def approximation_table() -> str:
     return _table(["λ", "k", "cosine to exact K-FAC", "top-k truncation of the same factors", "gap"], rows)
 
 
-MLP_TASKS = {
-    "digits": "digits MLP (width 256), batch 64",
-    "mnist1d": "mnist1d MLP (width 256), batch 128",
-    "mnist1d-w1024": "mnist1d MLP (width 1024), batch 128",
+BATCH_TASKS = {
+    "mlp": "mnist1d MLP (width 256)",
+    "cnn": "mnist1d 1D CNN",
+    "lm": "byte GPT on Python docs",
 }
+
+
+def _cell(row: dict[str, Any]) -> str:
+    """Steps and seconds to the target of one method, e.g. ``120 / 1.4 s``, or ``never`` within the budget."""
+    return f"{_steps(row['steps'])} / {_number(row['seconds'], 1)} s" if math.isfinite(row["steps"]) else "never"
+
+
+def _against_peers(row: dict[str, Any], key: str, bold: bool = True) -> str:
+    """A ratio to the best peer; ``<`` where no peer reached the target in the budget (the ratio to the budget)."""
+    text = _ratio(row[key]) if bold else f"{_number(row[key])}×"
+    return text if row["baseline reached"] else "< " + text
+
+
+def batch_scaling_table() -> str:
+    """Per task and batch size: each method's steps / seconds to the target at its best points, and the callback's
+    tuned and default ratios to the best of SGD, Adam and Muon."""
+    by_key: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for task in BATCH_TASKS:
+        if (RESULTS / f"batch_scaling_{task}.json").exists():
+            for row in _rows(f"batch_scaling_{task}"):
+                by_key.setdefault((row["task"], row["batch"]), {})[row["method"]] = row
+    rows = []
+    for (task, batch), methods in by_key.items():
+        kfac, default = methods["kfac"], methods["kfac-default"]
+        rows.append(
+            [
+                BATCH_TASKS[task],
+                f"{batch:,}",
+                *(_cell(methods[m]) for m in ("sgd", "adam", "muon", "kfac", "kfac-default")),
+                _against_peers(kfac, "steps / baseline", bold=False),
+                _against_peers(kfac, "time / baseline"),
+                f"{_against_peers(default, 'steps / baseline', bold=False)} / {_against_peers(default, 'time / baseline')}",
+                f"{_number(kfac['default / tuned steps'])}× / {_number(kfac['default / tuned time'])}×",
+            ]
+        )
+    header = [
+        "task", "batch", "SGD", "Adam", "Muon", "kfac tuned", "kfac default", "kfac steps / best peer",
+        "kfac time / best peer", "default: steps / time vs best peer", "default / tuned: steps / time",
+    ]  # fmt: skip
+    return _table(header, rows)
+
+
+def batch_step_cost_table() -> str:
+    """Step time with the callback against the batch size, beside the flop model."""
+    rows = [
+        [
+            row["model"],
+            f"{row['batch']:,}",
+            _milliseconds(row["sgd_ms"]),
+            _milliseconds(row["kfac_ms"]),
+            f"{row['ratio']:.2f}",
+            f"{row['model_ratio']:.2f}",
+            f"{row['overhead']:.2f}",
+        ]
+        for row in _rows("batch_scaling_step_cost")
+    ]
+    return _table(["model", "batch", "SGD ms", "callback ms", "ratio", "flop model", "overhead"], rows)
 
 
 def readme_table() -> str:
     """The README's one table: where the callback wins wall time and where it does not, from the latest runs."""
     rows = []
-    for row in _rows("time_to_accuracy"):
-        if row["method"] != "kfac":
-            continue
-        baselines = [
-            r for r in _rows("time_to_accuracy") if r["task"] == row["task"] and r["method"] in ("sgd", "adam")
-        ]
-        steps = row["median_steps"] / min(b["median_steps"] for b in baselines)
-        rows.append(
-            [
-                f"{MLP_TASKS[row['task']]}, {row['target']:.0%} test acc.",
-                "better of SGD, Adam",
-                f"{steps:.2f}×",
-                _ratio(row["time_vs_best_baseline"]),
-            ]
-        )
+    for task in ("mlp", "cnn"):
+        target = load(f"batch_scaling_{task}")["meta"]["target"]
+        for row in _rows(f"batch_scaling_{task}"):
+            if row["method"] != "kfac":
+                continue
+            rows.append(
+                [
+                    f"{BATCH_TASKS[task]}, batch {row['batch']:,}, {target:.0%} test acc.",
+                    "best of tuned SGD, Adam, Muon",
+                    _against_peers(row, "steps / baseline", bold=False),
+                    _against_peers(row, "time / baseline"),
+                ]
+            )
     lm = {(r["tokens/step"], r["method"]): r for r in _rows("language_model")}
     for tokens in sorted({t for t, _ in lm}):
         row = lm[(tokens, "kfac")]
@@ -181,18 +240,21 @@ def readme_table() -> str:
 def main_job_sentence() -> str:
     """The main job's result as the README states it (``python -m benchmarks.main_job``)."""
     rows = {row["arm"]: row for row in _rows("main_job")}
-    mine, twin = rows["callback"], rows["SGD twin"]
+    mine, twin = rows["callback"], rows["Adam twin"]
     repeats = load("main_job")["meta"]["repeats"]
     return (
-        f"test accuracy {mine['median_test_accuracy']:.1%} in {mine['median_fit_seconds']:.1f} s of fitting, against "
-        f"{twin['median_test_accuracy']:.1%} in {twin['median_fit_seconds']:.1f} s for its SGD twin (median of "
-        f"{repeats} alternating runs on 2 CPU cores)"
+        f"95% validation accuracy after {mine['median_steps']:.0f} steps and {mine['median_training_seconds']:.1f} s "
+        f"of training (test accuracy {mine['median_test_accuracy']:.1%}), against {twin['median_steps']:.0f} steps "
+        f"and {twin['median_training_seconds']:.1f} s (test accuracy {twin['median_test_accuracy']:.1%}) for its "
+        f"Adam twin (median of {repeats} alternating runs on 2 CPU cores)"
     )
 
 
 TABLES: dict[str, Callable[[], str]] = {
     "README.md": readme_table,
     "README.md#main-job": main_job_sentence,
+    "docs/benchmarks.md#batch-scaling": batch_scaling_table,
+    "docs/benchmarks.md#step-cost-against-the-batch-size": batch_step_cost_table,
     "docs/benchmarks.md#language-model": language_model_table,
     "docs/benchmarks.md#step-cost": step_overhead_table,
     "docs/benchmarks.md#time-to-accuracy": time_to_accuracy_table,

@@ -83,6 +83,15 @@ class TargetTracker(StepTimer):
             self.seconds_to_target = sum(self.seconds)
 
 
+class StopAtTarget(TargetTracker):
+    """The target tracker, ending the run once the score reaches the target."""
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super()._evaluate(trainer, pl_module)
+        if self.steps_to_target is not None:
+            trainer.should_stop = True
+
+
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     options: dict[str, Any] = dict(
         logger=False,
@@ -121,4 +130,4 @@ def data_module(name: str, batch_size: int, seed: int):
 
 def label(config: dict) -> str:
     """A grid point as text, e.g. ``lr=0.1, damping=0.01``."""
-    return ", ".join(f"{k}={v:g}" for k, v in config.items())
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
