@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytorch_lightning as pl
 import torch
@@ -38,6 +38,7 @@ from lightning_lrkfac.examples.data import PythonDocsDataModule
 from lightning_lrkfac.examples.models import GPTLanguageModel
 
 from .common import RESULTS, device_record, plot_runs, print_table, pyplot, write_json
+from .step_rules import Method
 from .training import StopAtTarget, label, quiet_trainer
 
 CONTEXT, WIDTH, DEPTH, HEADS, VOCABULARY = 128, 128, 4, 4, 256
@@ -57,23 +58,19 @@ class Regime:
         return self.batch_size * CONTEXT
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    optimizer: str
-    momentum: float
-    callback: dict | None
-    grid: list[float] = field(default_factory=list)  # learning rates
+def rates(*lrs: float) -> list[dict]:
+    """A learning-rate grid as step_rules' Method takes it."""
+    return [{"lr": lr} for lr in lrs]
 
 
 METHODS = [
-    Method("adamw", "adamw", 0.0, None, [1e-3, 3e-3]),
-    Method("muon", "muon", 0.0, None, [0.01, 0.02]),
-    Method("sgd", "sgd", 0.9, None, [0.03, 0.1]),
-    Method("kfac", "sgd", 0.9, {"step_rule": "kfac"}, [0.1, 0.3]),
-    Method("kfac-plain-tie", "sgd", 0.9, {"step_rule": "kfac", "precondition_tied_embeddings": False}, [0.1, 0.3]),
-    Method("ekfac", "sgd", 0.9, {"step_rule": "ekfac"}, [0.1, 0.3]),
-    Method("soap", "sgd", 0.0, {"step_rule": "soap", "kl_clip": None}, [3e-3, 1e-2]),
+    Method("adamw", "adamw", 0.0, None, rates(1e-3, 3e-3)),
+    Method("muon", "muon", 0.0, None, rates(0.01, 0.02)),
+    Method("sgd", "sgd", 0.9, None, rates(0.03, 0.1)),
+    Method("kfac", "sgd", 0.9, {"step_rule": "kfac"}, rates(0.1, 0.3)),
+    Method("kfac-plain-tie", "sgd", 0.9, {"step_rule": "kfac", "precondition_tied_embeddings": False}, rates(0.1, 0.3)),
+    Method("ekfac", "sgd", 0.9, {"step_rule": "ekfac"}, rates(0.1, 0.3)),
+    Method("soap", "sgd", 0.0, {"step_rule": "soap", "kl_clip": None}, rates(3e-3, 1e-2)),
 ]
 
 
@@ -135,7 +132,7 @@ def main() -> None:
         for index in range(max(len(m.grid) for m in methods)):  # grid points alternate across methods
             for method in methods:
                 if index < len(method.grid):
-                    lr = method.grid[index]
+                    lr = method.grid[index]["lr"]
                     result = one_run(regime, method, lr, 0, args.target, device)
                     grid.setdefault((regime.batch_size, method.name), {})[lr] = result
                     print(f"batch {regime.batch_size} {method.name} lr={lr:g}: {result['steps']} steps", flush=True)
