@@ -69,7 +69,9 @@ def _mnist1d(num_samples: int) -> dict:
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as error:
-        raise ImportError("MNIST1DDataModule needs the mnist1d package (a dependency): `pip install mnist1d`") from error
+        raise ImportError(
+            "MNIST1DDataModule needs the mnist1d package (a dependency): `pip install mnist1d`"
+        ) from error
     args = get_dataset_args()
     args.num_samples = num_samples
     return make_dataset(args)
