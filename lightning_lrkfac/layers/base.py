@@ -250,14 +250,14 @@ class KFACLayer(ABC):
         pairing = self._accumulate_inputs(inputs, bases)
         samples = sum(self.num_samples(g) for g in grads)
         multiplier = per_example_grad(samples / len(grads))
-        if pairing is None and not isinstance(multiplier, Tensor):  # (m·rows)ᵀ(m·rows) = m²·rowsᵀrows
-            self._accumulate_output_grads(grads, multiplier * multiplier / samples)
+        on_device = isinstance(multiplier, Tensor)  # e.g. the AMP loss scale: the rows are multiplied by it
+        weight = 1.0 / samples if on_device else multiplier * multiplier / samples  # (m·R)ᵀ(m·R) = m²·RᵀR
+        if pairing is None and not on_device:
+            self._accumulate_output_grads(grads, weight)
             return
         b_rows = concat([self.output_grad_rows(g) for g in grads]).to(self.b_factor.dtype)
-        if isinstance(multiplier, Tensor):  # e.g. the AMP loss scale, kept on the device
-            b_rows, weight = b_rows * multiplier, 1.0 / samples
-        else:
-            weight = multiplier * multiplier / samples
+        if on_device:
+            b_rows = b_rows * multiplier
         self.b_factor.accumulate(b_rows, weight)
         if pairing is not None:
             row_rule.accumulate_rows(b_rows, pairing, weight)
