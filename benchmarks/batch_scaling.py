@@ -60,16 +60,11 @@ MNIST1D_SAMPLES = 20_000
 DEFAULT_VARIANTS: list[dict[str, Any]] = [{}, {"kl_clip": 1e-2}, {"kl_clip": None}, {"factor_decay": 0.9}]
 
 
-@functools.cache
-def _mnist1d() -> MNIST1DDataModule:
-    module = MNIST1DDataModule(num_samples=MNIST1D_SAMPLES)
-    module.setup("fit")  # generation takes seconds: once per process
-    return module
-
-
 def mnist1d(batch_size: int, seed: int) -> MNIST1DDataModule:
-    module = _mnist1d()
-    module.batch_size, module.seed = batch_size, seed
+    """The data module of a run, set up (its test set is read before the fit); the signals are generated once per
+    process (``MNIST1DDataModule`` caches them)."""
+    module = MNIST1DDataModule(batch_size, num_samples=MNIST1D_SAMPLES, seed=seed)
+    module.setup("fit")
     return module
 
 
