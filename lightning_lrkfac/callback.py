@@ -6,6 +6,8 @@ The algorithm lives in the engine. What stays here is what only a Trainer knows:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import pytorch_lightning as pl
@@ -42,6 +44,9 @@ class LowRankKFACCallback(Callback):
         basis_update_interval: int = 10,
         warmup_steps: int = 0,
         kl_clip: float | Schedule | None = 1e-3,
+        step_size: str = "optimizer",
+        damping_adaptation_interval: int = 5,
+        min_damping: float = 1e-6,
         step_rule: str = "kfac",
         adam_beta1: float = 0.9,
         adam_beta2: float = 0.999,
@@ -70,6 +75,8 @@ class LowRankKFACCallback(Callback):
         self.options = KFACOptions(**arguments)  # validated here: a bad value fails at construction
         self.engine: LowRankKFAC | None = None
         self._pending_state: dict[str, Any] | None = None
+        #: ``step_size="auto"``: the micro-batches of the step being accumulated, to evaluate the loss at the new point.
+        self._batches: list[tuple[Any, int]] = []
 
     @property
     def coverage(self) -> list[dict[str, Any]]:
@@ -89,6 +96,11 @@ class LowRankKFACCallback(Callback):
                 "LowRankKFACCallback needs automatic optimization (`automatic_optimization = True`): it preconditions in `on_before_optimizer_step`, which manual optimization bypasses."
             )
         check_strategy(trainer.strategy)
+        if self.options.step_size == "auto" and type(trainer.strategy) is not SingleDeviceStrategy:
+            raise RuntimeError(
+                f"LowRankKFACCallback: `step_size`='auto' runs on a single device for now, the strategy is "
+                f"{type(trainer.strategy).__name__}; use step_size 'optimizer' under DDP"
+            )
         self.engine = LowRankKFAC(pl_module, self.options)
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
@@ -116,9 +128,11 @@ class LowRankKFACCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.engine.discard_captured()  # leftovers of a forward that never reached backward
+        if self.options.step_size == "auto":
+            self._batches.append((batch, batch_idx))
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        self.engine.before_backward(loss_scale=self._loss_scale(trainer))
+        self.engine.before_backward(loss, loss_scale=self._loss_scale(trainer))
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning divided every micro-batch's loss by accumulate_grad_batches.
@@ -127,7 +141,9 @@ class LowRankKFACCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self.engine.step(lr=optimizer, grads_finite=self._scaler_found_no_inf(trainer, optimizer))
+        closure = self._training_loss(trainer, pl_module) if self.options.step_size == "auto" else None
+        self.engine.step(lr=optimizer, grads_finite=self._scaler_found_no_inf(trainer, optimizer), loss_closure=closure)
+        self._batches = []
         if self.options.log_stats and compat.logger_writes_this_step(trainer):
             self._log(pl_module)
 
@@ -154,6 +170,24 @@ class LowRankKFACCallback(Callback):
         device = self.engine.skipped_updates.device
         return torch.stack([flag.to(device) for flag in found]).sum() == 0
 
+    def _training_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[], Tensor | None]:
+        """The step's loss re-evaluated by ``training_step`` on its micro-batches, as Lightning backpropagated it
+        (each divided by ``accumulate_grad_batches``), with logging muted; None if a ``training_step`` skips."""
+        batches, accumulation = list(self._batches), trainer.accumulate_grad_batches
+
+        def evaluate() -> Tensor | None:
+            total = None
+            with muted_logging(pl_module), trainer.precision_plugin.train_step_context():
+                for batch, index in batches:
+                    output = pl_module.training_step(batch, index)
+                    loss = output.get("loss") if isinstance(output, Mapping) else output
+                    if loss is None:
+                        return None
+                    total = loss / accumulation if total is None else total + loss / accumulation
+            return total
+
+        return evaluate
+
     def _log(self, pl_module: pl.LightningModule) -> None:
         """The engine's metrics as ``lrkfac/*`` through ``pl_module.log`` (so any Lightning logger gets them).
 
@@ -173,6 +207,16 @@ class LowRankKFACCallback(Callback):
             self._pending_state = state_dict  # handed to the engine at setup
         else:
             self.engine.load_state_dict(state_dict)
+
+
+@contextmanager
+def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
+    """``self.log``/``self.log_dict`` do nothing inside: a re-evaluated ``training_step`` must not log twice."""
+    pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del pl_module.log, pl_module.log_dict
 
 
 def check_strategy(strategy: Any) -> None:

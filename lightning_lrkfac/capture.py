@@ -24,24 +24,30 @@ class ActivationCapture:
 
     Args:
         modules: the handled modules by name.
-        prediction_module: for the Monte-Carlo Fisher, the module whose output the sampled
-            loss is computed from; ``None`` for the empirical Fisher (training-loss grads).
+        prediction_module: the module whose output is the model's prediction (recorded in
+            :attr:`predictions`), or ``None`` when nothing needs it.
+        monte_carlo: the Monte-Carlo Fisher: output gradients come from a loss sampled from
+            the prediction (:meth:`backpropagate`), not from the training loss.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], prediction_module: nn.Module | None = None) -> None:
+    def __init__(
+        self, modules: Mapping[str, nn.Module], prediction_module: nn.Module | None = None, monte_carlo: bool = False
+    ) -> None:
+        if monte_carlo and prediction_module is None:
+            raise ValueError("ActivationCapture: the Monte-Carlo Fisher needs a prediction module")
         self.names = {module: name for name, module in modules.items()}
         self.modules = list(modules.values())
         self.prediction_module = prediction_module
+        self.monte_carlo = monte_carlo
+        #: Record inputs and output gradients (the steps that fold statistics).
         self.enabled = False
+        #: Record the predictions on every training forward, not only while ``enabled`` (the automatic step size).
+        self.always_predict = False
         self.inputs: dict[nn.Module, list[Tensor]] = {m: [] for m in self.modules}
         self.outputs: dict[nn.Module, list[Tensor]] = {m: [] for m in self.modules}
         self.output_grads: dict[nn.Module, list[Tensor]] = {m: [] for m in self.modules}
         self.predictions: list[Tensor] = []
         self._handles: list[RemovableHandle] = []
-
-    @property
-    def monte_carlo(self) -> bool:
-        return self.prediction_module is not None
 
     def attach(self) -> None:
         """Install the hooks (idempotent)."""
@@ -65,14 +71,13 @@ class ActivationCapture:
             self.output_grads[module].clear()
         self.predictions.clear()
 
+    @staticmethod
+    def _trains(module: nn.Module, output: object) -> bool:
+        """A training forward whose output will get a gradient."""
+        return module.training and torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad
+
     def _recording(self, module: nn.Module, output: object) -> bool:
-        return (
-            self.enabled
-            and module.training
-            and torch.is_grad_enabled()
-            and isinstance(output, Tensor)
-            and output.requires_grad
-        )
+        return self.enabled and self._trains(module, output)
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if not self._recording(module, output):
@@ -91,7 +96,7 @@ class ActivationCapture:
         output.register_hook(record)
 
     def _prediction_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if self._recording(module, output):
+        if (self.enabled or self.always_predict) and self._trains(module, output):
             self.predictions.append(output)
 
     def backpropagate(self, sampled_loss: Callable[[Tensor], Tensor], scale: float | Tensor = 1.0) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .adaptive import AutomaticStep
 from .capture import ActivationCapture
 from .coverage import coverage_rows, format_coverage
 from .distributed import Communicator, balanced_owners
@@ -90,13 +91,17 @@ class LowRankKFAC:
         for layer in self.layers:
             layer.attach()
         hooked = {name: module for layer in self.layers for name, module in layer.hooked_modules().items()}
-        self.capture = ActivationCapture(hooked, self._prediction_module())
+        self.capture = ActivationCapture(hooked, self._prediction_module(), self.options.fisher_type == "mc")
         self.capture.attach()
         self.capture.enabled = self.factor_update_due(0)
+        #: ``step_size="auto"``: the Gauss–Newton products, the previous update and the adapted λ.
+        self.automatic = self._make_automatic_step()
+        self.capture.always_predict = self.automatic is not None
 
     def _prediction_module(self) -> nn.Module | None:
-        """The module whose output the Monte-Carlo loss samples from (None for the empirical Fisher)."""
-        if self.options.fisher_type != "mc":
+        """The module whose output is the prediction: the Monte-Carlo loss samples from it and the automatic
+        step's Gauss–Newton products go through it (None when neither is on)."""
+        if self.options.fisher_type != "mc" and self.options.step_size != "auto":
             return None
         name = self.options.mc_output_module
         if name is None:
@@ -108,6 +113,25 @@ class LowRankKFAC:
                 f"got {name!r}; handled layers: {[layer.name for layer in self.layers]}"
             )
         return modules[name]
+
+    def _make_automatic_step(self) -> AutomaticStep | None:
+        """The state of ``step_size="auto"`` over every trainable parameter, or None; refuses what it cannot do."""
+        options = self.options
+        if options.step_size != "auto":
+            return None
+        sparse = [name for name, m in self.model.named_modules() if getattr(m, "sparse", False) is True]
+        if sparse:
+            raise ValueError(
+                f"LowRankKFAC: `step_size`='auto' needs dense gradients; these modules have sparse=True: {sparse}"
+            )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                raise ValueError(
+                    "LowRankKFAC: `step_size`='auto' runs in one process for now; under torch.distributed use "
+                    "step_size 'optimizer'"
+                )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return AutomaticStep(params, float(options.damping), options.damping_adaptation_interval, options.min_damping)
 
     # -- lifetime -----------------------------------------------------------------------
     def build(self) -> None:
@@ -149,7 +173,10 @@ class LowRankKFAC:
         return StepRule(layer)
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """``step_rule="soap"`` hands the optimizer Adam's finished step: it must not add momentum or rescale it."""
+        """``step_rule="soap"`` and ``step_size="auto"`` hand the optimizer a finished step: it must not add momentum
+        or rescale it."""
+        if self.options.step_size == "auto":
+            self._check_plain_sgd(optimizer)
         if self.options.step_rule != "soap":
             return
         for index, group in enumerate(optimizer.param_groups):
@@ -158,6 +185,19 @@ class LowRankKFAC:
                     f"LowRankKFAC: step_rule='soap' already applies Adam's moments; use torch.optim.SGD with momentum=0 "
                     f"(its lr is then Adam's), got {type(optimizer).__name__} with param group {index}: "
                     f"{ {k: v for k, v in group.items() if k != 'params'} }"
+                )
+
+    @staticmethod
+    def _check_plain_sgd(optimizer: torch.optim.Optimizer) -> None:
+        """``step_size="auto"`` needs θ ← θ − .grad exactly: torch.optim.SGD with lr 1, no momentum, no weight decay."""
+        wanted = {"lr": 1.0, "momentum": 0, "weight_decay": 0, "nesterov": False, "maximize": False}
+        for index, group in enumerate(optimizer.param_groups):
+            wrong = {key: group.get(key) for key, value in wanted.items() if group.get(key, value) != value}
+            if not isinstance(optimizer, torch.optim.SGD) or wrong:
+                raise ValueError(
+                    "LowRankKFAC: `step_size`='auto' chooses the step size and momentum itself; use "
+                    "torch.optim.SGD(params, lr=1.0, momentum=0, weight_decay=0), got "
+                    f"{type(optimizer).__name__} with param group {index} {wrong or {k: v for k, v in group.items() if k != 'params'}}"
                 )
 
     def _factor_dtype(self, layer: KFACLayer) -> torch.dtype:
@@ -192,12 +232,23 @@ class LowRankKFAC:
     def factor_update_due(self, step: int) -> bool:
         return step % self.options.factor_update_interval == 0
 
-    def before_backward(self, loss_scale: float | Tensor = 1.0) -> None:
-        """``fisher_type="mc"``: backpropagate a loss on sampled labels to the handled outputs (no-op otherwise).
+    def before_backward(self, loss: Tensor | None = None, loss_scale: float | Tensor = 1.0) -> None:
+        """Call it after the forward and before ``backward()`` (with the AMP loss scale if the loss is scaled).
 
-        Call it after the forward and before ``backward()``, with the AMP loss scale if the
-        training loss is scaled. One partial backward, no extra forward.
+        ``fisher_type="mc"``: backpropagate a loss on sampled labels to the handled outputs (one partial
+        backward, no extra forward). ``step_size="auto"``: ``loss`` is required; build the graphs of the
+        Gauss–Newton products through the captured prediction (a backward that keeps its graph).
+        No-op when neither is on.
         """
+        if self.automatic is not None:
+            if loss is None:
+                raise ValueError(
+                    "LowRankKFAC.before_backward: `step_size`='auto' needs the loss: before_backward(loss)"
+                )
+            self.build()
+            self.automatic.record(loss, self.capture.predictions, loss_scale)
+            if self.options.fisher_type != "mc" or not self.capture.enabled:
+                self.capture.predictions.clear()
         if self.options.fisher_type != "mc" or not self.capture.enabled:
             return
         self.build()
@@ -216,7 +267,8 @@ class LowRankKFAC:
         """
         if self.capture.predictions:
             raise RuntimeError(
-                "LowRankKFAC: fisher_type='mc' needs `before_backward()` between the forward and `backward()`."
+                "LowRankKFAC: fisher_type='mc' and step_size='auto' need `before_backward()` between the forward and "
+                "`backward()`."
             )
         if not self.capture.enabled:
             return
@@ -242,6 +294,7 @@ class LowRankKFAC:
         accumulation: int = 1,
         loss_scale: float | Tensor = 1.0,
         grads_finite: Tensor | None = None,
+        loss_closure: Callable[[], Tensor | float | None] | None = None,
     ) -> None:
         """Fold, refresh on schedule and precondition every handled gradient in place.
 
@@ -249,6 +302,10 @@ class LowRankKFAC:
         parameter then uses its group's rate); needed only while ``kl_clip`` is on.
         ``grads_finite``: a bool tensor, False when an AMP scaler found inf/NaN gradients
         this step; then no statistics are folded.
+        ``loss_closure`` (``step_size="auto"``): returns the loss of this step's batch at the
+        current parameters, like the loss given to :meth:`before_backward` (summed over
+        micro-batches); called without gradients, at the new point, on the steps that adapt λ.
+        Without it λ stays at ``damping``.
         """
         started = time.perf_counter()
         self.build()  # first: a checkpoint loaded before the build sets the step counter
@@ -265,15 +322,55 @@ class LowRankKFAC:
             return
         if self.factor_update_due(step):
             self.fold_statistics(float(self.factor_decay(step)), grads_finite)
-        damping = float(self.damping(step))
+        damping = self.current_damping(step)
         if step % options.basis_update_interval == 0 or self.bases_pending():
             self.refresh_bases(damping)
         elif damping != self._prepared_damping:
             self.prepare_inverses(damping)
         applied = step >= options.warmup_steps and any(layer.ready for layer in self.layers)
-        if applied:
+        if self.automatic is not None:
+            self._automatic_step(applied, grads_finite, loss_closure)
+        elif applied:
             self.precondition(None if kl_clip is None else self._learning_rates(lr), kl_clip, grads_finite)
         self._end_step(started, applied, damping)
+
+    def current_damping(self, step: int) -> float:
+        """λ at ``step``: the schedule's, or under ``step_size="auto"`` the adapted one."""
+        return self.automatic.lm.damping if self.automatic is not None else float(self.damping(step))
+
+    def _automatic_step(
+        self, applied: bool, grads_finite: Tensor | None, loss_closure: Callable[[], Tensor | float | None] | None
+    ) -> None:
+        """P = K-FAC's direction (the plain gradient before the factors are ready), then αP + μs into ``.grad``;
+        on the adaptation steps, λ from the loss at the new point."""
+        automatic = self.automatic
+        if not automatic.recorded:
+            raise RuntimeError(
+                "LowRankKFAC: step_size='auto' needs `before_backward(loss)` between the forward and `backward()`"
+            )
+        raw = [None if p.grad is None else p.grad.detach().clone() for p in automatic.params]
+        if applied:
+            self.precondition(None, None, grads_finite)
+        automatic.combine(raw, grads_finite)
+        if loss_closure is not None and automatic.lm.due(self.steps):
+            new_loss = self._loss_at_update(loss_closure)
+            if new_loss is not None:
+                automatic.adapt(new_loss)
+        automatic.end_step()
+
+    def _loss_at_update(self, loss_closure: Callable[[], Tensor | float | None]) -> float | None:
+        """The closure's loss at θ − .grad (the point the optimizer will step to); the parameters are restored exactly."""
+        params = [p for p in self.automatic.params if p.grad is not None]
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+            for param in params:
+                param.sub_(param.grad)
+            try:
+                loss = loss_closure()
+            finally:
+                for param, value in zip(params, saved):
+                    param.copy_(value)
+        return None if loss is None else float(loss)
 
     def _end_step(self, started: float, preconditioned: bool, damping: float) -> None:
         self.steps += 1
@@ -304,6 +401,8 @@ class LowRankKFAC:
             for factor in layer.factors:
                 factor.discard_pending()
             rule.discard_pending()
+        if self.automatic is not None:
+            self.automatic.end_step()
         self.skipped_steps += 1
         self._end_step(started, False, self._last_step["damping"])
 
@@ -481,6 +580,10 @@ class LowRankKFAC:
             "preconditioned": float(self._last_step["preconditioned"]),
             "curvature_ms": 1e3 * self._last_step["seconds"],
         }
+        automatic = self.automatic
+        if automatic is not None and automatic.coefficients is not None:
+            metrics["step_alpha"], metrics["step_momentum"] = automatic.coefficients.float()
+            metrics["reduction_ratio"] = automatic.ratio
         for layer in self.layers:
             metrics[f"captured_trace/{layer.name}/A"] = layer.a_factor.captured_trace().float()
             metrics[f"captured_trace/{layer.name}/B"] = layer.b_factor.captured_trace().float()
@@ -508,6 +611,7 @@ class LowRankKFAC:
             "mc_generator": None if self.mc_generator is None else self.mc_generator.get_state(),
             "skipped_updates": self.skipped_updates.detach().clone(),
             "skipped_steps": self.skipped_steps,
+            "automatic": None if self.automatic is None else self.automatic.state_tensors(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -544,6 +648,8 @@ class LowRankKFAC:
             check_tensors(rule.state_tensors(), state["layers"][layer.name].get("rule"), f"layers.{layer.name}.rule")
         if not isinstance(state["skipped_updates"], Tensor) or state["skipped_updates"].shape != ():
             raise ValueError("LowRankKFAC: checkpoint entry `skipped_updates` must be a 0-dim tensor")
+        if self.automatic is not None:
+            check_tensors(self.automatic.state_tensors(), state.get("automatic"), "automatic")
         for layer, rule in zip(self.layers, self.rules):
             layer.a_factor.load_state_dict(state["layers"][layer.name]["A"])
             layer.b_factor.load_state_dict(state["layers"][layer.name]["B"])
@@ -558,6 +664,8 @@ class LowRankKFAC:
         if self.mc_generator is not None and state["mc_generator"] is not None:
             self.mc_generator.set_state(state["mc_generator"])
         self.skipped_updates.copy_(state["skipped_updates"])
+        if self.automatic is not None:
+            self.automatic.load_state_tensors(state["automatic"])
 
 
 LowRankKFAC.__doc__ += "\n" + "\n".join("    " + line for line in args_docstring().splitlines()) + "\n"

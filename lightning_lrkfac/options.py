@@ -109,6 +109,19 @@ class KFACOptions:
         "(Ba et al. 2017); null disables",
         Check(f"null or {scheduled(POSITIVE).allowed}", lambda v: v is None or scheduled(POSITIVE).test(v)),
     )
+    step_size: str = option(
+        "optimizer",
+        "`optimizer`: the optimizer's learning rate and momentum scale the direction; `auto`: every step is αP + μs "
+        "(P the direction, s the previous step) with α, μ minimising the exact Gauss–Newton quadratic model of the "
+        "batch's loss, and `damping` (its start) adapts by Levenberg–Marquardt (Martens & Grosse 2015, §6–7). For "
+        "`auto` use torch.optim.SGD(lr=1, momentum=0) and kl_clip null; it costs a backward with its graph and two "
+        "Jacobian products per step (no extra forward), and a forward on the same batch each adaptation",
+        one_of("optimizer", "auto"),
+    )
+    damping_adaptation_interval: int = option(
+        5, "for `auto`: steps T between Levenberg–Marquardt updates of λ, each by ω = (19/20)^T", POSITIVE_INT
+    )
+    min_damping: float = option(1e-6, "for `auto`: the floor of the adapted λ", POSITIVE)
     step_rule: str = option(
         "kfac",
         "the step from the curvature: `kfac` (B⁻¹GA⁻¹); `ekfac` (George et al. 2018: in the kept eigenbasis, divide "
@@ -169,7 +182,9 @@ class KFACOptions:
         checkpoint=True,
     )
     mc_output_module: str | None = option(
-        None, "for `mc`: name of the module whose output is the prediction (null: the model itself)", NAME_OR_NULL
+        None,
+        "for `mc` and `step_size` `auto`: name of the module whose output is the prediction (null: the model itself)",
+        NAME_OR_NULL,
     )
     likelihood: str = option(
         "categorical",
@@ -211,10 +226,35 @@ class KFACOptions:
                 "LowRankKFAC: `step_rule`='soap' takes Adam's normalised step, which the KL clip does not bound; "
                 f"set `kl_clip` to null (got {self.kl_clip!r}) or use step_rule 'kfac' or 'ekfac'"
             )
+        if self.step_size == "auto":
+            self._check_automatic_step()
         if self.step_rule == "soap" and self.work_distribution != "replicate":
             raise ValueError(
                 "LowRankKFAC: `step_rule`='soap' keeps Adam moments on every rank: `work_distribution` must be "
                 f"'replicate', got {self.work_distribution!r}"
+            )
+
+    def _check_automatic_step(self) -> None:
+        """`auto` chooses the step's length itself: nothing else may rescale it, and λ must be a number to adapt."""
+        if self.kl_clip is not None:
+            raise ValueError(
+                "LowRankKFAC: `step_size`='auto' chooses the step's length from the quadratic model, which the KL clip "
+                f"would undo; set `kl_clip` to null (got {self.kl_clip!r})"
+            )
+        if self.step_rule == "soap":
+            raise ValueError(
+                "LowRankKFAC: `step_size`='auto' needs a natural-gradient direction: `step_rule` must be 'kfac' or "
+                "'ekfac', got 'soap'"
+            )
+        if callable(self.damping):
+            raise ValueError(
+                "LowRankKFAC: with `step_size`='auto' Levenberg–Marquardt adapts λ: `damping` must be a number (its "
+                f"start), got the schedule {self.damping!r}"
+            )
+        if self.damping < self.min_damping:
+            raise ValueError(
+                f"LowRankKFAC: `damping` ({self.damping!r}) must be ≥ `min_damping` ({self.min_damping!r}) with "
+                "`step_size`='auto'"
             )
 
     @property

@@ -1,0 +1,264 @@
+"""The automatic step: step size and momentum from the exact Gauss–Newton quadratic model, and the damping
+adapted by Levenberg–Marquardt (Martens & Grosse 2015, §6–7).
+
+Vectors here are what the optimizer subtracts (θ ← θ − s): P = F̃⁻¹g, K-FAC's preconditioned gradient, and s,
+the previous update. The new update is s' = αP + μs with (α, μ) = x minimising the damped quadratic model of
+the batch's loss h,
+
+    M(−Vx) − h(θ) = ½ xᵀ(VᵀGV + λ VᵀV)x − xᵀVᵀg,   V = [P s],
+
+G the Gauss–Newton matrix. Every T steps the reduction ratio ρ = (h(θ − s') − h(θ)) / (M₀(−s') − M₀(0)), with
+M₀ the undamped model, moves λ by ω = (19/20)^T: down when ρ > 3/4, up when ρ < 1/4.
+
+G's products need no extra forward. Before the training backward, while the forward's graph lives, Jᵀu is
+built with its graph (u a zero tensor shaped like the prediction z), and so is H w' = ∂⟨∇_z h, w'⟩/∂z (w' a
+second zero tensor). Both are linear in their dual tensor, so afterwards Jv = ∂⟨Jᵀu, v⟩/∂u and H w =
+∂⟨H w', w⟩/∂w' run through these new graphs alone, and vᵀGw = ⟨Jv, H Jw⟩: the loss's own Hessian in its
+prediction, whatever the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Levenberg–Marquardt's thresholds on the reduction ratio ρ and its factor per step (Martens & Grosse 2015, §6.5).
+GOOD_RATIO, POOR_RATIO, DECAY_PER_STEP = 0.75, 0.25, 19.0 / 20.0
+
+
+def _dot(left: Tensor | None, right: Tensor | None, device: torch.device) -> Tensor:
+    """⟨left, right⟩ in float64 on ``device`` (0 when either is missing)."""
+    if left is None or right is None:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.vdot(left.reshape(-1), right.reshape(-1).to(left.dtype)).to(device, torch.float64)
+
+
+def _inner(left: Sequence[Tensor | None], right: Sequence[Tensor | None], device: torch.device) -> Tensor:
+    """Σ over the aligned pieces of ⟨left, right⟩, float64."""
+    return sum((_dot(a, b, device) for a, b in zip(left, right)), torch.zeros((), dtype=torch.float64, device=device))
+
+
+@dataclass
+class _Graph:
+    """One loss's graphs: per parameter Jᵀu; per prediction its duals u and w', and H w'."""
+
+    duals: list[Tensor]
+    transposed: list[Tensor | None]
+    curvature_duals: list[Tensor]
+    curved: list[Tensor | None]
+    scale: float | Tensor
+
+
+def _linear_map(
+    outputs: Sequence[Tensor | None], inputs: list[Tensor], grad_outputs: Sequence[Tensor | None]
+) -> list[Tensor | None]:
+    """Σ ∂⟨outputᵢ, grad_outputᵢ⟩/∂inputs over the pairs that exist and carry a graph (a list of None if none)."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and o.requires_grad and g is not None]
+    if not pairs:
+        return [None] * len(inputs)
+    selected, directions = zip(*pairs)
+    return list(torch.autograd.grad(selected, inputs, directions, retain_graph=True, allow_unused=True))
+
+
+class GaussNewtonProducts:
+    """vᵀGw for parameter-shaped v and w, G = Σ Jᵀ H J over the losses :meth:`add`-ed (one per micro-batch)."""
+
+    def __init__(self) -> None:
+        self._graphs: list[_Graph] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._graphs)
+
+    def add(
+        self, loss: Tensor, predictions: Sequence[Tensor], params: Sequence[Tensor], scale: float | Tensor = 1.0
+    ) -> None:
+        """Build Jᵀu and H w' with their graphs; call it before ``loss.backward()`` (``scale``: an AMP loss scale).
+
+        Costs a backward through the model that keeps its graph, and two through the loss's head.
+        """
+        predictions = list(predictions)
+        duals = [torch.zeros_like(z, requires_grad=True) for z in predictions]
+        transposed = torch.autograd.grad(
+            predictions, list(params), duals, create_graph=True, retain_graph=True, allow_unused=True
+        )
+        loss_grads = torch.autograd.grad(loss, predictions, create_graph=True, retain_graph=True, allow_unused=True)
+        curvature_duals = [torch.zeros_like(z, requires_grad=True) for z in predictions]
+        pairs = [(g, w) for g, w in zip(loss_grads, curvature_duals) if g is not None and g.requires_grad]
+        curved: list[Tensor | None] = [None] * len(predictions)
+        if pairs:  # a loss linear in its prediction has no curvature there
+            outputs, directions = zip(*pairs)
+            curved = list(
+                torch.autograd.grad(
+                    outputs, predictions, directions, create_graph=True, retain_graph=True, allow_unused=True
+                )
+            )
+        self._graphs.append(_Graph(duals, list(transposed), curvature_duals, curved, scale))
+
+    def clear(self) -> None:
+        """Drop the graphs (and the memory they hold)."""
+        self._graphs = []
+
+    def gram(self, vectors: Sequence[Sequence[Tensor | None]], device: torch.device) -> Tensor:
+        """[vᵢᵀ G vⱼ] (float64, m×m, on ``device``) for m parameter-shaped vectors, each aligned with :meth:`add`'s ``params``."""
+        m = len(vectors)
+        entries = [[torch.zeros((), dtype=torch.float64, device=device) for _ in range(m)] for _ in range(m)]
+        for graph in self._graphs:
+            jacobian = [_linear_map(graph.transposed, graph.duals, v) for v in vectors]  # J v
+            curved = [_linear_map(graph.curved, graph.curvature_duals, j) for j in jacobian]  # H J v
+            for i in range(m):
+                for j in range(i, m):
+                    entries[i][j] = entries[i][j] + _inner(jacobian[i], curved[j], device) / graph.scale
+        for i in range(m):
+            for j in range(i):
+                entries[i][j] = entries[j][i]
+        return torch.stack([torch.stack(row) for row in entries])
+
+
+def step_coefficients(
+    gram: Tensor, overlaps: Tensor, gradient_products: Tensor, damping: float
+) -> tuple[Tensor, Tensor]:
+    """(x, the undamped model's change at x) for x minimising ½xᵀ(gram + λ·overlaps)x − xᵀb.
+
+    ``gram`` = VᵀGV, ``overlaps`` = VᵀV, ``gradient_products`` b = Vᵀg, for V = [P] or [P s]. When the 2×2
+    system is degenerate (s parallel to P, or s = 0 at the first step) the 1-D minimiser along P is taken
+    with μ = 0; when nothing is finite or the curvature along P is not positive, x = 0 (no step). No host sync.
+    """
+    curvature = gram + damping * overlaps
+    b = gradient_products
+    zero = torch.zeros_like(b[0])
+    along = curvature[0, 0]
+    alpha = torch.where(along > 0, b[0] / along.clamp_min(torch.finfo(along.dtype).tiny), zero)
+    x = torch.stack([alpha, zero]) if len(b) == 2 else alpha[None]
+    if len(b) == 2:
+        determinant = curvature[0, 0] * curvature[1, 1] - curvature[0, 1] ** 2
+        well_posed = determinant > 1e-10 * curvature[0, 0] * curvature[1, 1]
+        safe = torch.where(well_posed, determinant, torch.ones_like(determinant))
+        solution = torch.stack(
+            [
+                (curvature[1, 1] * b[0] - curvature[0, 1] * b[1]) / safe,
+                (curvature[0, 0] * b[1] - curvature[0, 1] * b[0]) / safe,
+            ]
+        )
+        x = torch.where(well_posed & solution.isfinite().all(), solution, x)
+    x = torch.where(x.isfinite().all(), x, torch.zeros_like(x))
+    change = 0.5 * x @ gram @ x - x @ b
+    return x, change
+
+
+@dataclass
+class LevenbergMarquardt:
+    """λ, moved by ω = (19/20)^interval every ``interval`` steps by the reduction ratio, kept in [minimum, maximum]."""
+
+    damping: float
+    interval: int
+    minimum: float
+    maximum: float = math.inf
+
+    @property
+    def factor(self) -> float:
+        return DECAY_PER_STEP**self.interval
+
+    def due(self, step: int) -> bool:
+        return (step + 1) % self.interval == 0
+
+    def adapt(self, ratio: float) -> None:
+        """Shrink λ when the model predicted the loss well (ρ > 3/4), grow it when poorly (ρ < 1/4 or not finite)."""
+        if ratio > GOOD_RATIO:
+            self.damping *= self.factor
+        elif not ratio >= POOR_RATIO:  # also NaN
+            self.damping /= self.factor
+        self.damping = min(max(self.damping, self.minimum), self.maximum)
+
+
+class AutomaticStep:
+    """``step_size="auto"`` for one model: the Gauss–Newton products of the batch, the previous update s and λ.
+
+    :meth:`record` takes each micro-batch's loss and predictions before its backward; :meth:`combine` turns
+    the preconditioned gradients P (in ``.grad``) into αP + μs in place; :meth:`adapt` moves λ from the loss
+    at the new point.
+    """
+
+    def __init__(self, params: Sequence[Tensor], damping: float, interval: int, minimum: float) -> None:
+        self.params = list(params)
+        self.lm = LevenbergMarquardt(damping, interval, minimum)
+        self.products = GaussNewtonProducts()
+        self.loss: Tensor | None = None
+        self.previous: list[Tensor] = []
+        #: α, μ of the last step and the undamped model's predicted change of the loss.
+        self.coefficients: Tensor | None = None
+        self.predicted_change: Tensor | None = None
+        #: ρ of the last adaptation (NaN before the first).
+        self.ratio = math.nan
+
+    def build(self) -> None:
+        """The previous update, zero, on each parameter's device (idempotent)."""
+        if not self.previous:
+            self.previous = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in self.params]
+
+    def record(self, loss: Tensor, predictions: Sequence[Tensor], scale: float | Tensor = 1.0) -> None:
+        """One micro-batch: its loss (summed into h) and the graphs of its Gauss–Newton products."""
+        if not predictions:
+            raise RuntimeError(
+                "step_size='auto': the prediction module's forward did not run with gradients before this backward; "
+                "name the module whose output is the prediction in `mc_output_module`"
+            )
+        self.products.add(loss, predictions, self.params, scale)
+        value = loss.detach().to(torch.float64) / scale
+        self.loss = value if self.loss is None else self.loss + value
+
+    @property
+    def recorded(self) -> bool:
+        return bool(self.products)
+
+    def combine(self, raw_grads: Sequence[Tensor | None], finite: Tensor | None = None) -> None:
+        """``.grad`` (P) ← αP + μs, and s ← that; ``raw_grads`` are the gradients before preconditioning (g).
+
+        ``finite`` False (AMP skips the step): s stays as it was.
+        """
+        self.build()
+        grads = [p.grad for p in self.params]
+        vectors = [grads] + ([self.previous] if self.coefficients is not None else [])
+        device = self.params[0].device
+        gram = self.products.gram(vectors, device)
+        overlaps = torch.stack([torch.stack([_inner(u, v, device) for v in vectors]) for u in vectors])
+        gradient_products = torch.stack([_inner(v, raw_grads, device) for v in vectors])
+        x, change = step_coefficients(gram, overlaps, gradient_products, self.lm.damping)
+        alpha = x[0]
+        mu = x[1] if len(x) > 1 else torch.zeros_like(alpha)
+        for grad, previous in zip(grads, self.previous):
+            if grad is None:  # no update of this parameter this step
+                previous.zero_() if finite is None else previous.mul_(~finite)
+                continue
+            grad.mul_(alpha.to(grad.dtype)).addcmul_(previous, mu.to(grad.dtype))
+            previous.copy_(grad if finite is None else torch.where(finite, grad, previous))
+        self.coefficients = torch.stack([alpha, mu])
+        self.predicted_change = change
+
+    def adapt(self, new_loss: float) -> None:
+        """λ from ρ = (h(θ − s) − h(θ)) / (M₀(−s) − M₀(0)); one host sync."""
+        old, predicted = float(self.loss), float(self.predicted_change)
+        self.ratio = (new_loss - old) / predicted if predicted < 0 else math.nan
+        self.lm.adapt(self.ratio)
+
+    def end_step(self) -> None:
+        """Drop the batch's graphs and loss."""
+        self.products.clear()
+        self.loss = None
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        self.build()
+        started = torch.tensor(self.coefficients is not None)
+        return {"damping": torch.tensor(self.lm.damping, dtype=torch.float64), "started": started} | {
+            f"previous.{index}": tensor for index, tensor in enumerate(self.previous)
+        }
+
+    def load_state_tensors(self, state: dict[str, Tensor]) -> None:
+        self.build()
+        self.lm.damping = float(state["damping"])
+        for index, tensor in enumerate(self.previous):
+            tensor.copy_(state[f"previous.{index}"])
+        self.coefficients = torch.zeros(2, dtype=torch.float64) if bool(state["started"]) else None
