@@ -32,7 +32,17 @@ from lightning_lrkfac import LowRankKFACCallback
 from lightning_lrkfac.examples.models import MLPAutoencoder, MLPClassifier
 
 from .common import RESULTS, device_record, plot_runs, print_table, pyplot, write_json
-from .training import BATCH, TargetTracker, accuracy, data_module, label, negative_mse, quiet_trainer, tensors
+from .training import (
+    BATCH,
+    StopAtTarget,
+    TargetTracker,
+    accuracy,
+    data_module,
+    label,
+    negative_mse,
+    quiet_trainer,
+    tensors,
+)
 
 
 @dataclass(frozen=True)
@@ -46,8 +56,8 @@ class Task:
     regression: bool = False
     hidden: tuple[int, ...] = (256, 256)
 
-    def data(self, seed: int):
-        return data_module(self.data_name, BATCH[self.data_name], seed)
+    def data(self, seed: int, batch: int | None = None):
+        return data_module(self.data_name, batch or BATCH[self.data_name], seed)
 
     def model(self, optimizer: str, lr: float, momentum: float):
         if self.regression:
@@ -102,20 +112,32 @@ def methods(quick: bool) -> list[Method]:
     ]
 
 
-def one_run(task: Task, method: Method, config: dict, seed: int, device: torch.device) -> dict:
-    data = task.data(seed)
+def one_run(
+    task: Task,
+    method: Method,
+    config: dict,
+    seed: int,
+    device: torch.device,
+    batch: int | None = None,
+    max_steps: int = -1,
+    stop_at_target: bool = False,
+) -> dict:
+    """One training run; ``batch``/``max_steps`` override the task's batch size and epochs, ``stop_at_target`` ends it
+    at the target."""
+    data = task.data(seed, batch)
     test_x, test_y = tensors(data.test_set)
     torch.manual_seed(seed)
     model = task.model(method.optimizer, config["lr"], method.momentum)
     score = negative_mse if task.regression else accuracy
-    tracker = TargetTracker(test_x, test_y, task.target, task.every, score=score)
+    tracker = (StopAtTarget if stop_at_target else TargetTracker)(test_x, test_y, task.target, task.every, score=score)
     callbacks = [tracker]
     if method.callback is not None:
         options = {**method.callback, **{k: v for k, v in config.items() if k != "lr"}}
         if options.get("fisher_type") == "mc":  # the likelihood of the task's loss
             options["likelihood"] = "gaussian" if task.regression else "categorical"
         callbacks.append(LowRankKFACCallback(log_stats=False, seed=seed, **options))
-    trainer = quiet_trainer(accelerator=device.type, max_epochs=task.max_epochs, callbacks=callbacks)
+    epochs = task.max_epochs if max_steps < 0 else -1
+    trainer = quiet_trainer(accelerator=device.type, max_epochs=epochs, max_steps=max_steps, callbacks=callbacks)
     trainer.fit(model, data)
     return {
         "steps": tracker.steps_to_target or math.inf,

@@ -636,6 +636,8 @@ class LowRankKFAC:
             raise ValueError(
                 f"LowRankKFAC: the checkpoint's layers (name: (in, out)) {found} do not match the model's {expected}."
             )
+        if self.automatic is not None:  # its tensors exist from construction
+            check_tensors(self.automatic.state_tensors(), state.get("automatic"), "automatic")
         if self._built:
             self._restore(state)
         else:
@@ -648,8 +650,6 @@ class LowRankKFAC:
             check_tensors(rule.state_tensors(), state["layers"][layer.name].get("rule"), f"layers.{layer.name}.rule")
         if not isinstance(state["skipped_updates"], Tensor) or state["skipped_updates"].shape != ():
             raise ValueError("LowRankKFAC: checkpoint entry `skipped_updates` must be a 0-dim tensor")
-        if self.automatic is not None:
-            check_tensors(self.automatic.state_tensors(), state.get("automatic"), "automatic")
         for layer, rule in zip(self.layers, self.rules):
             layer.a_factor.load_state_dict(state["layers"][layer.name]["A"])
             layer.b_factor.load_state_dict(state["layers"][layer.name]["B"])
