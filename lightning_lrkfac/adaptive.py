@@ -8,7 +8,8 @@ the batch's loss h,
     M(−Vx) − h(θ) = ½ xᵀ(VᵀGV + λ VᵀV)x − xᵀVᵀg,   V = [P s],
 
 G the Gauss–Newton matrix. Every T steps the reduction ratio ρ = (h(θ − s') − h(θ)) / (M₀(−s') − M₀(0)), with
-M₀ the undamped model, moves λ by ω = (19/20)^T: down when ρ > 3/4, up when ρ < 1/4.
+M₀ the undamped model, moves λ by ω = (19/20)^T: down when ρ > 3/4, up when ρ < 1/4. A step with ρ < 0 (it
+raised its own batch's loss) is rejected: not taken, momentum reset, λ × 10.
 
 G's products need no extra forward. Before the training backward, while the forward's graph lives, Jᵀu is
 built with its graph (u a zero tensor shaped like the prediction z), and so is H w' = ∂⟨∇_z h, w'⟩/∂z (w' a
@@ -28,6 +29,9 @@ from torch import Tensor
 
 #: Levenberg–Marquardt's thresholds on the reduction ratio ρ and its factor per step (Martens & Grosse 2015, §6.5).
 GOOD_RATIO, POOR_RATIO, DECAY_PER_STEP = 0.75, 0.25, 19.0 / 20.0
+#: λ's growth after a rejected step (one that raised its own batch's loss): Levenberg's ×10 on failure. The gentle
+#: ω alone cannot catch a first step that overshoots: the saturated outputs then make G too small to stop the next.
+REJECTION_FACTOR = 10.0
 
 
 def _dot(left: Tensor | None, right: Tensor | None, device: torch.device) -> Tensor:
@@ -157,6 +161,7 @@ class LevenbergMarquardt:
     interval: int
     minimum: float
     maximum: float = math.inf
+    rejection_factor: float = REJECTION_FACTOR
 
     @property
     def factor(self) -> float:
@@ -172,6 +177,10 @@ class LevenbergMarquardt:
         elif not ratio >= POOR_RATIO:  # also NaN
             self.damping /= self.factor
         self.damping = min(max(self.damping, self.minimum), self.maximum)
+
+    def reject(self) -> None:
+        """A rejected step: λ grows by ``rejection_factor``."""
+        self.damping = min(max(self.damping * self.rejection_factor, self.minimum), self.maximum)
 
 
 class AutomaticStep:
@@ -193,6 +202,8 @@ class AutomaticStep:
         self.predicted_change: Tensor | None = None
         #: ρ of the last adaptation (NaN before the first).
         self.ratio = math.nan
+        #: Steps rejected so far (their loss rose).
+        self.rejections = 0
 
     def build(self) -> None:
         """The previous update, zero, on each parameter's device (idempotent)."""
@@ -238,11 +249,24 @@ class AutomaticStep:
         self.coefficients = torch.stack([alpha, mu])
         self.predicted_change = change
 
-    def adapt(self, new_loss: float) -> None:
-        """λ from ρ = (h(θ − s) − h(θ)) / (M₀(−s) − M₀(0)); one host sync."""
+    def adapt(self, new_loss: float) -> bool:
+        """λ from ρ = (h(θ − s) − h(θ)) / (M₀(−s) − M₀(0)); one host sync. Returns whether the step stands.
+
+        A step that raised its own batch's loss (ρ < 0, or anything not finite) is rejected: ``.grad`` and s
+        become zero, so the optimizer does not move, and λ grows by ``rejection_factor``.
+        """
         old, predicted = float(self.loss), float(self.predicted_change)
         self.ratio = (new_loss - old) / predicted if predicted < 0 else math.nan
-        self.lm.adapt(self.ratio)
+        if self.ratio >= 0:
+            self.lm.adapt(self.ratio)
+            return True
+        for param, previous in zip(self.params, self.previous):
+            previous.zero_()
+            if param.grad is not None:
+                param.grad.zero_()
+        self.lm.reject()
+        self.rejections += 1
+        return False
 
     def end_step(self) -> None:
         """Drop the batch's graphs and loss."""

@@ -45,7 +45,7 @@ class LowRankKFACCallback(Callback):
         warmup_steps: int = 0,
         kl_clip: float | Schedule | None = 1e-3,
         step_size: str = "optimizer",
-        damping_adaptation_interval: int = 5,
+        damping_adaptation_interval: int = 1,
         min_damping: float = 1e-6,
         step_rule: str = "kfac",
         adam_beta1: float = 0.9,

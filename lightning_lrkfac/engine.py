@@ -355,7 +355,7 @@ class LowRankKFAC:
         if loss_closure is not None and automatic.lm.due(self.steps):
             new_loss = self._loss_at_update(loss_closure)
             if new_loss is not None:
-                automatic.adapt(new_loss)
+                automatic.adapt(new_loss)  # a rejected step leaves .grad zero: the optimizer stays
         automatic.end_step()
 
     def _loss_at_update(self, loss_closure: Callable[[], Tensor | float | None]) -> float | None:
@@ -584,6 +584,7 @@ class LowRankKFAC:
         if automatic is not None and automatic.coefficients is not None:
             metrics["step_alpha"], metrics["step_momentum"] = automatic.coefficients.float()
             metrics["reduction_ratio"] = automatic.ratio
+            metrics["rejected_steps"] = float(automatic.rejections)
         for layer in self.layers:
             metrics[f"captured_trace/{layer.name}/A"] = layer.a_factor.captured_trace().float()
             metrics[f"captured_trace/{layer.name}/B"] = layer.b_factor.captured_trace().float()

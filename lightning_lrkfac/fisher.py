@@ -26,6 +26,9 @@ def sampled_negative_log_likelihood(outputs: Tensor, likelihood: str, generator:
         logits = outputs.reshape(-1, outputs.shape[-1])
         with torch.no_grad():
             probabilities = torch.softmax(logits, dim=-1)
+            # Non-finite logits (a diverged step) give NaN statistics, which the fold skips; sampling must not raise.
+            finite = probabilities.isfinite().all(-1, keepdim=True) & (probabilities >= 0).all(-1, keepdim=True)
+            probabilities = torch.where(finite, probabilities, torch.ones_like(probabilities))
             labels = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
         return F.cross_entropy(logits, labels, reduction="sum")
     if likelihood == "gaussian":

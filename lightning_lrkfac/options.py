@@ -119,7 +119,10 @@ class KFACOptions:
         one_of("optimizer", "auto"),
     )
     damping_adaptation_interval: int = option(
-        5, "for `auto`: steps T between Levenberg–Marquardt updates of λ, each by ω = (19/20)^T", POSITIVE_INT
+        1,
+        "for `auto`: steps T between evaluations of the loss at the new point (a forward on the same batch): "
+        "Levenberg–Marquardt moves λ by ω = (19/20)^T, and a step that raised the loss is not taken (λ × 10)",
+        POSITIVE_INT,
     )
     min_damping: float = option(1e-6, "for `auto`: the floor of the adapted λ", POSITIVE)
     step_rule: str = option(

@@ -166,6 +166,31 @@ def test_levenberg_marquardt_rule():
     assert [rule.due(step) for step in range(6)] == [False, False, False, False, True, False]
 
 
+def test_a_step_that_raises_its_batch_loss_is_rejected():
+    model = small_model()
+    x, y = data("ce")
+    params = list(model.parameters())
+    step = AutomaticStep(params, 1e-2, interval=1, minimum=1e-8)
+    loss, prediction = loss_and_prediction(model, x, y, "ce")
+    step.record(loss, [prediction])
+    loss.backward()
+    step.combine([p.grad.clone() for p in params])
+    assert any(p.grad.abs().sum() > 0 for p in params)
+    assert not step.adapt(float(loss) + 1.0)  # the new point is worse on the same batch
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params), "the optimizer must not move"
+    assert all(torch.equal(s, torch.zeros_like(s)) for s in step.previous), "momentum restarts"
+    assert step.lm.damping == pytest.approx(1e-1) and step.rejections == 1
+    assert step.ratio < 0
+
+
+def test_monte_carlo_labels_from_non_finite_logits_do_not_raise():
+    from lightning_lrkfac.fisher import sampled_negative_log_likelihood
+
+    logits = torch.tensor([[0.0, 1.0], [math.nan, 0.0], [math.inf, 0.0]], requires_grad=True)
+    loss = sampled_negative_log_likelihood(logits, "categorical", torch.Generator().manual_seed(0))
+    assert not torch.isfinite(loss)  # the statistics will be non-finite, and the fold skips them
+
+
 def run_engine(steps: int, closure: bool = True, **options):
     """A plain loop with the engine and SGD(lr=1) on one fixed batch; returns (model, engine, losses, records)."""
     model = small_model()
@@ -323,7 +348,9 @@ def test_callback_trains_digits_with_no_learning_rate(accumulation):
         assert again == pytest.approx(recorded, rel=1e-5)
     assert len(probe.pairs) == 30
     metrics = trainer.callback_metrics
-    assert {"lrkfac/step_alpha", "lrkfac/step_momentum", "lrkfac/reduction_ratio"} <= set(metrics)
+    assert {"lrkfac/step_alpha", "lrkfac/step_momentum", "lrkfac/reduction_ratio", "lrkfac/rejected_steps"} <= set(
+        metrics
+    )
     assert math.isfinite(float(metrics["lrkfac/reduction_ratio"]))
     assert float(metrics["lrkfac/damping"]) != 1e-2, "λ adapts"
     assert float(metrics["train_loss"]) < 0.5, "the muted re-evaluation must not log over the training loss"
