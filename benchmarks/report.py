@@ -250,6 +250,37 @@ def main_job_sentence() -> str:
     )
 
 
+AUTOMATIC_TASKS = {"digits": "digits", "mnist1d": "mnist1d", "digits-autoencoder": "digits autoencoder (MSE)"}
+
+
+def automatic_step_table() -> str:
+    """Per task and batch size: steps / seconds to the target of each method at its best point, the automatic step
+    at its best λ₀ and its default, and its ratios to the better of tuned SGD and Adam and to the best tuned method."""
+    by_key: dict[tuple[str, int], dict[tuple[str, str], dict[str, Any]]] = {}
+    for row in _rows("automatic_step"):
+        by_key.setdefault((row["task"], row["batch"]), {})[(row["method"], row["kind"])] = row
+    rows = []
+    for (task, batch), cells in by_key.items():
+        tuned = [cells[(m, "tuned")] for m in ("sgd", "adam", "muon", "kfac")]
+        automatic = [cells[(m, k)] for m in ("auto", "auto-mc") for k in ("tuned", "default")]
+        rows.append(
+            [
+                AUTOMATIC_TASKS[task],
+                f"{batch:,}",
+                *(_cell(row) for row in tuned + automatic),
+                " / ".join(_ratio(cells[(m, "tuned")]["steps / best of sgd, adam"]) for m in ("auto", "auto-mc")),
+                " / ".join(f"{_number(cells[(m, 'default')]['steps / best tuned'])}×" for m in ("auto", "auto-mc")),
+                " / ".join(_ratio(cells[(m, "default")]["time / best of sgd, adam"]) for m in ("auto", "auto-mc")),
+            ]
+        )
+    header = [
+        "task", "batch", "SGD", "Adam", "Muon", "`kfac` + SGD", "auto, best λ₀", "auto, default", "auto mc, best λ₀",
+        "auto mc, default", "best λ₀: steps / best of SGD, Adam (auto / mc)", "default: steps / best tuned",
+        "default: time / best of SGD, Adam",
+    ]  # fmt: skip
+    return _table(header, rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "README.md": readme_table,
     "README.md#main-job": main_job_sentence,
@@ -260,6 +291,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "docs/benchmarks.md#time-to-accuracy": time_to_accuracy_table,
     "docs/benchmarks.md#layer-scaling": layer_scaling_table,
     "docs/benchmarks.md#approximation-quality": approximation_table,
+    "docs/step-rules.md#automatic-step-size": automatic_step_table,
 }
 
 

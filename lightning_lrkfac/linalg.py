@@ -42,7 +42,19 @@ def safe_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     validity checks discard, instead of a LinAlgError deep inside a training step.
     """
     symmetric = torch.nan_to_num(0.5 * (matrix + matrix.mT), nan=0.0, posinf=0.0, neginf=0.0)
-    return torch.linalg.eigh(symmetric)
+    try:
+        return torch.linalg.eigh(symmetric)
+    except torch.linalg.LinAlgError:  # LAPACK did not converge (entries near overflow, a diverging run)
+        return _rescaled_eigh(symmetric)
+
+
+def _rescaled_eigh(symmetric: Tensor) -> tuple[Tensor, Tensor]:
+    """eigh of a matrix LAPACK failed on: divided by its largest entry, in float64, nudged off exact repeats."""
+    scale = symmetric.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(symmetric.dtype).tiny)
+    normalised = (symmetric / scale).double()
+    eye = torch.eye(symmetric.shape[-1], dtype=torch.float64, device=symmetric.device)
+    values, vectors = torch.linalg.eigh(normalised + 1e-12 * eye)
+    return (values * scale[..., 0].double()).to(symmetric.dtype), vectors.to(symmetric.dtype)
 
 
 def symmetric_eigh_desc(matrix: Tensor) -> tuple[Tensor, Tensor]:

@@ -256,3 +256,26 @@ def test_an_aborted_forward_leaves_no_statistics():
         factors.append([f.matrix.clone() for layer in kfac.layers for f in layer.factors])
     for clean, aborted in zip(*factors):
         assert torch.equal(clean, aborted)
+
+
+def test_eigh_that_lapack_cannot_converge_falls_back_to_a_rescaled_float64_solve(monkeypatch):
+    """A LinAlgError inside a refresh must not end the run: the rescaled retry gives the same eigenpairs."""
+    from lightning_lrkfac import linalg
+
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randn(7, 7, generator=generator)
+    matrix = matrix @ matrix.T * 1e30
+    real, calls = torch.linalg.eigh, []
+
+    def failing_once(tensor):
+        calls.append(tensor.dtype)
+        if len(calls) == 1:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real(tensor)
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing_once)
+    values, vectors = linalg.safe_eigh(matrix)
+    assert calls == [torch.float32, torch.float64]
+    reference = real(matrix.double())[0]
+    torch.testing.assert_close(values.double(), reference, rtol=1e-5, atol=1e-6 * float(reference.abs().max()))
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, matrix, rtol=1e-4, atol=1e-4 * 1e30 * 7)
