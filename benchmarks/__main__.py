@@ -22,6 +22,7 @@ BENCHMARKS = {
     "embeddings": False,
     "defaults": False,
     "step_rules": True,
+    "automatic_step": False,
     "batch_scaling": False,
 }
 

@@ -28,6 +28,7 @@ from .lowrank import DiagPlusLowRankFactor, check_tensors, fold_groups
 from .options import FACTOR_DTYPES, KFACOptions, args_docstring
 from .preconditioner import kl_clip_scale
 from .schedules import as_schedule
+from .sharding import ShardedPreconditioner, detect_sharding, local_tensor
 from .step_rules import EigenAdamRule, EKFACRule, StepRule
 
 STATE_VERSION = 3
@@ -81,6 +82,8 @@ class LowRankKFAC:
         #: Host seconds spent in record() and step() so far (on CUDA: launch time, kernels run async).
         self.curvature_seconds = 0.0
         self.comm = Communicator()
+        #: Under FSDP2: the step for the layers whose weights are sharded DTensors (None otherwise).
+        self.sharding: ShardedPreconditioner | None = None
         self.owners: list[int] = []
         self.rules: list[StepRule] = []
         self._coverage: list[dict[str, Any]] = []
@@ -150,6 +153,7 @@ class LowRankKFAC:
             )
         self.rules = [self._make_rule(layer) for layer in self.layers]
         self.comm = Communicator.from_default_group()
+        self.sharding = detect_sharding(self.model, self.layers, self.comm, options)
         if options.work_distribution == "layerwise":
             self.owners = balanced_owners([layer.work_cost() for layer in self.layers], self.comm.world_size)
         else:
@@ -383,11 +387,14 @@ class LowRankKFAC:
     def _gradients_finite(self) -> bool:
         """Whether every gradient of the model is finite: one fused norm per dtype, one host sync."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grads = [g.coalesce().values() if g.is_sparse else g for g in grads]  # sparse embeddings: their entries
+        grads = [g.coalesce().values() if g.is_sparse else local_tensor(g) for g in grads]  # sparse: their entries
         if not grads:
             return True
         norms = torch.stack([norm.to(torch.float32) for norm in torch._foreach_norm(grads)])
-        return bool(norms.isfinite().all())
+        bad = (~norms.isfinite()).sum().to(torch.float32)
+        if self.sharding is not None:  # each rank saw its shards: every rank must skip alike
+            self.comm.all_reduce_sum([bad], kind="checks")
+        return not bool(bad)
 
     def _skip_step(self, started: float) -> None:
         """A step with inf/NaN gradients: no parameter, optimizer state or curvature state changes.
@@ -495,8 +502,12 @@ class LowRankKFAC:
         layerwise = self.options.work_distribution == "layerwise" and self.comm.active
         work: list[tuple[int, list[Tensor], list[Tensor]]] = []
         fused: list[tuple[KFACLayer, FusedKroneckerStep]] = []
+        sharded: list[int] = []
         for index, layer in enumerate(self.layers):
             if not layer.ready:  # no statistics yet (e.g. never called): plain gradient
+                continue
+            if self.sharding is not None and index in self.sharding:  # FSDP2: this rank's rows (:mod:`.sharding`)
+                sharded.append(index)
                 continue
             # Plain K-FAC on a low-rank layer: planned from small projections, written into .grad in place.
             plan = None
@@ -519,12 +530,21 @@ class LowRankKFAC:
             self.comm.broadcast_from_owners(
                 [naturals for _, _, naturals in work], [self.owners[index] for index, _, _ in work], kind="gradients"
             )
+        shard_work = self.sharding.precondition(sharded) if sharded else []
         scale = None
-        if kl_clip is not None and (work or fused):
+        if kl_clip is not None and (work or fused or shard_work):
             budget = sum(
                 self._kl_term(self.layers[index], grads, naturals, learning_rate) for index, grads, naturals in work
             ) + sum(self._fused_kl_term(layer, plan, learning_rate) for layer, plan in fused)
+            if self.sharding is not None:  # the shards' terms summed over the ranks (a 0-dim tensor either way)
+                shard_budget = torch.zeros((), dtype=torch.float64, device=self.skipped_updates.device)
+                for index, grad, natural in shard_work:
+                    shard_budget = shard_budget + self._kl_term(self.layers[index], [grad], [natural], learning_rate)
+                self.comm.all_reduce_sum([shard_budget], kind="kl")
+                budget = budget + shard_budget
             scale = kl_clip_scale(kl_clip, 1.0, budget)
+        for index, _, natural in shard_work:
+            self.sharding.write(index, natural, scale)
         for index, _, naturals in work:
             self.layers[index].write_grads(naturals[0], naturals[1] if len(naturals) > 1 else None, scale)
         for _, plan in fused:

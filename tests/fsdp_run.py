@@ -1,0 +1,156 @@
+"""One FSDP2 (or single-process) run of the engine for tests/test_sharding.py; run as a script.
+
+``--world 2`` spawns two gloo ranks on the CPU, applies ``fully_shard`` to every handled layer and then to the
+root (FSDP2 on a 1-D mesh), and trains in a plain loop where rank r takes half r of each global batch.
+``--world 1`` trains the same model in one process on the global batch. Rank 0 writes the full parameters, the
+engine's state and its communication counts to ``--out``; ``--load`` resumes from such a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lightning_lrkfac import LowRankKFAC  # noqa: E402
+
+GLOBAL_BATCH = 24
+
+
+class TokenModel(nn.Module):
+    """Embedding (sharded along the tokens: A's side) then Linear layers (sharded along their outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(40, 6)
+        self.hidden = nn.Linear(4 * 6, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.hidden(self.embed(tokens).flatten(1))))
+
+
+def new_model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Conv1d(1, 3, 3, padding=1), nn.Flatten(), nn.Linear(72, 7))
+        model[2] = _Unsqueezed(model[2])
+    else:
+        model = TokenModel()
+    return model.double()
+
+
+class _Unsqueezed(nn.Module):
+    """A Conv1d over the features as one channel: a conv layer in the model."""
+
+    def __init__(self, conv: nn.Conv1d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.unsqueeze(1))
+
+
+def batches(kind: str, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        if kind == "mlp":
+            x = torch.randn(GLOBAL_BATCH, 10, generator=generator, dtype=torch.float64)
+            y = torch.randint(0, 7, (GLOBAL_BATCH,), generator=generator)
+        else:
+            x = torch.randint(0, 40, (GLOBAL_BATCH, 4), generator=generator)
+            y = torch.randint(0, 5, (GLOBAL_BATCH,), generator=generator)
+        out.append((x, y))
+    return out
+
+
+def options(mode: str) -> dict:
+    common = dict(basis_update_interval=2, factor_decay=0.8, damping=1e-2, kl_clip=1e-2)
+    if mode == "exact":
+        return {**common, "dense_threshold": 10_000}
+    return {**common, "dense_threshold": 0, "rank": 4, "oversampling": 2}
+
+
+def shard(model: nn.Module, kfac: LowRankKFAC) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in kfac.layers:
+        fully_shard(layer.module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for name, p in model.named_parameters()
+    }
+
+
+def train(rank: int, args: argparse.Namespace) -> None:
+    world = args.world
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = new_model(args.model)
+    kfac = LowRankKFAC(model, **options(args.mode))
+    first = 0
+    if args.load:
+        saved = torch.load(args.load, weights_only=False)
+        model.load_state_dict(saved["parameters"])
+        kfac.load_state_dict(saved["engine"])
+        first = saved["steps"]
+    if world > 1:
+        shard(model, kfac)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=args.momentum)
+    for x, y in batches(args.model, first + args.steps)[first:]:
+        part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x[part]), y[part]).backward()
+        kfac.step(lr=optimizer)
+        optimizer.step()
+    parameters = full_parameters(model)
+    if rank == 0:
+        record = {
+            "parameters": parameters,
+            "engine": kfac.state_dict(),
+            "steps": first + args.steps,
+            "bytes": dict(kfac.comm.bytes_by_kind),
+            "sharded": sorted(kfac.layers[i].name for i in kfac.sharding.shards) if kfac.sharding else [],
+        }
+        torch.save(record, args.out)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--world", type=int, default=1)
+    parser.add_argument("--model", choices=["mlp", "tokens"], default="mlp")
+    parser.add_argument("--mode", choices=["exact", "lowrank"], default="exact")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--load", default=None)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--port", type=int, default=29541)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.world == 1:
+        train(0, args)
+    else:
+        mp.spawn(train, args=(args,), nprocs=args.world)
+
+
+if __name__ == "__main__":
+    main()
