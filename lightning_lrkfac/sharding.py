@@ -229,7 +229,8 @@ def _sharded_layer(layer: KFACLayer, world_size: int, rank: int) -> ShardedLayer
     if isinstance(layer, EmbeddingLayer) and isinstance(a_factor, DiagonalFactor):
         return ShardedLayer(layer, chunk_rows(layer.in_dim, world_size, rank), "in")
     supported_b = isinstance(b_factor, (DiagPlusLowRankFactor, EigenInverse))
-    if type(layer) in (LinearLayer, ConvLayer) and not layer.blocks and layer.augment == layer.has_bias and supported_b:
+    plain_kind = type(layer) is LinearLayer or isinstance(layer, ConvLayer)
+    if plain_kind and not layer.blocks and layer.augment == layer.has_bias and supported_b:
         return ShardedLayer(layer, chunk_rows(layer.out_dim, world_size, rank), "out")
     raise ValueError(
         f"LowRankKFAC: layer {layer.name!r} ({layer.describe()}) cannot be preconditioned sharded under FSDP2: supported "

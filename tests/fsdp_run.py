@@ -42,7 +42,9 @@ class TokenModel(nn.Module):
 def new_model(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "mlp":
-        model = nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Conv1d(1, 3, 3, padding=1), nn.Flatten(), nn.Linear(72, 7))
+        model = nn.Sequential(
+            nn.Linear(10, 24), nn.ReLU(), nn.Conv1d(1, 3, 3, padding=1), nn.Flatten(), nn.Linear(72, 7)
+        )
         model[2] = _Unsqueezed(model[2])
     else:
         model = TokenModel()
@@ -93,7 +95,8 @@ def shard(model: nn.Module, kfac: LowRankKFAC) -> None:
 
 def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return {
-        name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for name, p in model.named_parameters()
+        name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for name, p in model.named_parameters()
     }
 
 

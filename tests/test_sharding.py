@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
 from lightning_lrkfac.sharding import chunk_rows
 
@@ -37,15 +36,20 @@ def assert_parameters_close(left: dict, right: dict, tolerance: float) -> None:
         torch.testing.assert_close(left[name], right[name], rtol=tolerance, atol=tolerance, msg=name)
 
 
-@pytest.mark.parametrize(("model", "mode", "tolerance"), [("mlp", "exact", 1e-10), ("mlp", "lowrank", 1e-6), ("tokens", "exact", 1e-10), ("tokens", "lowrank", 1e-6)])
+@pytest.mark.parametrize(
+    ("model", "mode", "tolerance"),
+    [("mlp", "exact", 1e-10), ("mlp", "lowrank", 1e-6), ("tokens", "exact", 1e-10), ("tokens", "lowrank", 1e-6)],
+)
 def test_two_sharded_ranks_match_one_process_with_the_global_batch(tmp_path, model, mode, tolerance):
     single = run(tmp_path, "single", world=1, model=model, mode=mode)
     sharded = run(tmp_path, "sharded", world=2, model=model, mode=mode)
     assert single["sharded"] == [] and len(sharded["sharded"]) == 3, "every handled layer is sharded"
     assert_parameters_close(sharded["parameters"], single["parameters"], tolerance)
-    for layer, entry in single["engine"]["layers"].items():  # the curvature state is replicated and the same
-        for factor in ("A", "B"):
+    for layer, entry in single["engine"]["layers"].items():  # the statistics are replicated and the same
+        for factor in ("A", "B"):  # not the bases: eigenvectors of repeated eigenvalues, and signs, are not unique
             for key, value in entry[factor]["tensors"].items():
+                if key not in ("matrix", "diag", "trace", "eigenvalues", "inverse_damping"):
+                    continue
                 torch.testing.assert_close(
                     sharded["engine"]["layers"][layer][factor]["tensors"][key], value, rtol=tolerance, atol=tolerance
                 )
@@ -66,8 +70,9 @@ def test_sharded_step_sends_k_by_d_in_per_layer(tmp_path):
     """Low rank: the shards' all-reduce carries Wᵀ X, k × d_in' per sharded Linear/Conv layer, nothing gradient-sized."""
     sharded = run(tmp_path, "sharded", world=2, model="mlp", mode="lowrank", steps=1)
     rank = sharded["engine"]["options"]["rank"]
-    # layers 0 (10+1 inputs), conv (1·3+1), head (72+1), low-rank B of rank k = 4: one step's projections
-    expected = rank * ((10 + 1) + (3 + 1) + (72 + 1)) * 8
+    # float64 Wᵀ X of one step: layer 0 (B low-rank, k × (10+1)), the conv (3 channels ≤ k: B kept whole, 3 × (1·3+1))
+    # and the head (k × (72+1))
+    expected = (rank * (10 + 1) + 3 * (3 + 1) + rank * (72 + 1)) * 8
     assert sharded["bytes"]["shards"] == expected
     assert sharded["bytes"]["kl"] == 8
 
