@@ -13,7 +13,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
@@ -101,12 +101,19 @@ class LowRankKFACCallback(Callback):
                 f"LowRankKFACCallback: `step_size`='auto' runs on a single device for now, the strategy is "
                 f"{type(trainer.strategy).__name__}; use step_size 'optimizer' under DDP"
             )
+        if not isinstance(trainer.strategy, ModelParallelStrategy):
+            self._create_engine(pl_module)
+        # else: `configure_model` builds and shards the layers after this hook; the engine comes at fit start
+
+    def _create_engine(self, pl_module: pl.LightningModule) -> None:
         self.engine = LowRankKFAC(pl_module, self.options)
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self.engine.load_state_dict(state)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.engine is None:
+            self._create_engine(pl_module)
         if len(trainer.optimizers) != 1:
             raise RuntimeError(
                 f"LowRankKFACCallback supports exactly one optimizer, the run has {len(trainer.optimizers)}."
@@ -220,15 +227,21 @@ def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
 
 
 def check_strategy(strategy: Any) -> None:
-    """Raise unless the strategy hands the callback whole, replicated parameters and gradients it can keep state for.
+    """Raise unless the strategy gives the callback parameters and gradients it can precondition and keep state for.
 
-    FSDP and DeepSpeed shard or flatten parameters; model and tensor parallelism split
-    layers; ``ddp_spawn``/``fork`` train in child processes whose curvature state never
-    returns; ``find_unused_parameters=True`` lets ranks fold different numbers of batches.
+    A single device, DDP, and FSDP2 through ``ModelParallelStrategy`` with ``tensor_parallel_size=1`` (each rank
+    preconditions its shards: :mod:`.sharding`). FSDP1 and DeepSpeed flatten parameters; tensor parallelism splits
+    layers; ``ddp_spawn``/``fork`` train in child processes whose curvature state never returns;
+    ``find_unused_parameters=True`` lets ranks fold different numbers of batches.
     """
     name = type(strategy).__name__
     if type(strategy) is SingleDeviceStrategy:
         return
+    if type(strategy) is ModelParallelStrategy:
+        tensor_parallel = compat.tensor_parallel_size(strategy)
+        if tensor_parallel == 1:
+            return
+        name += f"(tensor_parallel_size={tensor_parallel!r})"
     if type(strategy) is DDPStrategy:
         start_method = compat.ddp_start_method(strategy)
         if start_method == "popen" and not compat.ddp_finds_unused_parameters(strategy):
@@ -238,8 +251,9 @@ def check_strategy(strategy: Any) -> None:
         )
     raise RuntimeError(
         f"LowRankKFACCallback does not support the strategy {name}: it supports a single device "
-        "(strategy='auto' on one device) and DDP launched by Lightning or torchrun (strategy='ddp', "
-        "find_unused_parameters=False). FSDP, DeepSpeed, ddp_spawn/fork and model parallelism are not supported."
+        "(strategy='auto' on one device), DDP launched by Lightning or torchrun (strategy='ddp', "
+        "find_unused_parameters=False) and FSDP2 as ModelParallelStrategy(data_parallel_size=<devices>, "
+        "tensor_parallel_size=1). FSDP1 (FSDPStrategy), DeepSpeed, ddp_spawn/fork and tensor parallelism are not supported."
     )
 
 

@@ -69,3 +69,8 @@ def ddp_start_method(strategy: Any) -> str:
 def ddp_finds_unused_parameters(strategy: Any) -> bool:
     """Whether a DDP strategy was asked for ``find_unused_parameters=True``."""
     return bool(getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False))
+
+
+def tensor_parallel_size(strategy: Any) -> object:
+    """``ModelParallelStrategy``'s tensor-parallel size as resolved at ``setup_environment`` ("auto" before)."""
+    return getattr(strategy, "_tensor_parallel_size", "auto")

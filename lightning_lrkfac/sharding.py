@@ -214,6 +214,11 @@ def detect_sharding(
                 f"LowRankKFAC: layer {layer.name!r} is sharded on a {mesh.ndim}-D device mesh (HSDP or tensor "
                 "parallelism); only a 1-D mesh (fully_shard(module, mesh=init_device_mesh(device, (world,)))) is supported"
             )
+        if mesh.size() != comm.world_size:
+            raise ValueError(
+                f"LowRankKFAC: layer {layer.name!r} is sharded over {mesh.size()} of the {comm.world_size} ranks; the "
+                "shards must span every rank (pure data-parallel FSDP2: tensor_parallel_size=1, no replica groups)"
+            )
         if placements != (Shard(0),):
             raise ValueError(
                 f"LowRankKFAC: layer {layer.name!r} has placements {placements}; only Shard(0), FSDP2's row sharding, is "

@@ -2,8 +2,10 @@
 
 ``--world 2`` spawns two gloo ranks on the CPU, applies ``fully_shard`` to every handled layer and then to the
 root (FSDP2 on a 1-D mesh), and trains in a plain loop where rank r takes half r of each global batch.
-``--world 1`` trains the same model in one process on the global batch. Rank 0 writes the full parameters, the
-engine's state and its communication counts to ``--out``; ``--load`` resumes from such a file.
+``--world 1`` trains the same model in one process on the global batch. ``--driver lightning``: the callback under
+Lightning's ``ModelParallelStrategy`` (FSDP2 in ``configure_model``, gloo on the CPU), same halves of the same
+batches. Rank 0 writes the full parameters, the engine's state and its communication counts to ``--out``;
+``--load`` resumes from such a file (engine driver).
 """
 
 from __future__ import annotations
@@ -137,6 +139,55 @@ def train(rank: int, args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
+def run_lightning(args: argparse.Namespace) -> None:
+    import pytorch_lightning as pl
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    from lightning_lrkfac import LowRankKFACCallback
+
+    class Sharded(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = new_model(args.model)
+
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for module in self.net.modules():
+                if isinstance(module, (nn.Linear, nn.Conv1d, nn.Embedding)):
+                    fully_shard(module, mesh=mesh)
+            fully_shard(self, mesh=mesh)
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=args.momentum)
+
+        def train_dataloader(self):
+            rank, world = self.global_rank, self.trainer.world_size
+            part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+            return torch.utils.data.DataLoader(
+                [(x[part], y[part]) for x, y in batches(args.model, args.steps)], batch_size=None
+            )
+
+    callback = LowRankKFACCallback(log_stats=False, **options(args.mode))
+    strategy = ModelParallelStrategy(data_parallel_size=args.world, tensor_parallel_size=1)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=args.world, strategy=strategy, max_steps=args.steps, callbacks=[callback],
+        use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    module = Sharded()
+    trainer.fit(module)
+    parameters = {name.removeprefix("net."): value for name, value in full_parameters(module).items()}
+    if trainer.global_rank == 0:
+        engine = callback.engine
+        sharded = sorted(engine.layers[i].name.removeprefix("net.") for i in engine.sharding.shards)
+        torch.save({"parameters": parameters, "steps": args.steps, "sharded": sharded}, args.out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--world", type=int, default=1)
@@ -147,9 +198,13 @@ def main() -> None:
     parser.add_argument("--load", default=None)
     parser.add_argument("--out", required=True)
     parser.add_argument("--port", type=int, default=29541)
+    parser.add_argument("--driver", choices=["engine", "lightning"], default="engine")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.world == 1:
+    if args.driver == "lightning":
+        os.environ.setdefault("MASTER_PORT", str(args.port))
+        run_lightning(args)
+    elif args.world == 1:
         train(0, args)
     else:
         mp.spawn(train, args=(args,), nprocs=args.world)

@@ -13,9 +13,9 @@ import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
-from lightning_lrkfac import LowRankKFAC, LowRankKFACCallback
+from lightning_lrkfac import LowRankKFAC, LowRankKFACCallback, compat
 from lightning_lrkfac.callback import check_strategy
 
 from .conftest import mlp
@@ -119,6 +119,13 @@ def test_skipped_steps_are_logged(tmp_path):
     assert [float(row["lrkfac/skipped_steps"]) for row in rows] == [0, 1, 1, 1]
 
 
+def resolved_model_parallel(tensor_parallel: int) -> ModelParallelStrategy:
+    """A ModelParallelStrategy as the callback sees it at setup (its sizes resolved)."""
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=tensor_parallel)
+    assert compat.tensor_parallel_size(strategy) == tensor_parallel, "Lightning renamed _tensor_parallel_size"
+    return strategy
+
+
 class Subclassed(DDPStrategy):
     """Like DeepSpeedStrategy: a DDPStrategy subclass that shards or flattens parameters."""
 
@@ -133,8 +140,11 @@ class Subclassed(DDPStrategy):
         (DDPStrategy(find_unused_parameters=True), False),
         (FSDPStrategy(), False),
         (Subclassed(), False),
+        (resolved_model_parallel(1), True),
+        (resolved_model_parallel(2), False),
+        (ModelParallelStrategy(), False),  # "auto" tensor parallelism
     ],
-    ids=["single", "ddp", "ddp_spawn", "ddp_fork", "find_unused", "fsdp", "ddp-subclass"],
+    ids=["single", "ddp", "ddp_spawn", "ddp_fork", "find_unused", "fsdp", "ddp-subclass", "fsdp2", "tp2", "tp-auto"],
 )
 def test_unsupported_strategies_are_rejected_naming_the_strategy(strategy, supported):
     if supported:

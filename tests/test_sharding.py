@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 from lightning_lrkfac.sharding import chunk_rows
 
@@ -84,3 +85,106 @@ def test_chunk_rows_is_torch_chunk():
             for rank in range(world):
                 expected = pieces[rank].tolist() if rank < len(pieces) else []
                 assert list(range(length))[chunk_rows(length, world, rank)] == expected
+
+
+def test_callback_under_lightning_fsdp2_matches_one_process(tmp_path):
+    """ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) on the CPU, fully_shard in configure_model."""
+    single = run(tmp_path, "single", world=1, model="mlp", mode="exact")
+    lightning = run(tmp_path, "lightning", driver="lightning", world=2, model="mlp", mode="exact")
+    assert lightning["sharded"] == ["0", "2.conv", "4"]
+    assert_parameters_close(lightning["parameters"], single["parameters"], 1e-10)
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """A one-rank gloo group in this process and its 1-D CPU mesh: enough for FSDP2 to make DTensors."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    store = tmp_path_factory.mktemp("group") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()
+
+
+def two_linears() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def build(model: nn.Module, **options) -> None:
+    from lightning_lrkfac import LowRankKFAC
+
+    LowRankKFAC(model, **options).build()
+
+
+def test_fsdp2_on_one_rank_is_detected_and_accepted(one_rank):
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_lrkfac import LowRankKFAC
+
+    model = two_linears()
+    fully_shard(model[0], mesh=one_rank)
+    fully_shard(model, mesh=one_rank)
+    kfac = LowRankKFAC(model)
+    kfac.build()
+    assert sorted(kfac.sharding.shards) == [0, 1]
+
+
+def test_tensor_parallel_layouts_are_refused(one_rank):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    model = two_linears()
+    model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), one_rank, [Shard(1)]))
+    with pytest.raises(ValueError, match=r"layer '0' has placements \(Shard\(dim=1\),\); only Shard\(0\)"):
+        build(model)
+
+
+def test_a_two_dimensional_mesh_is_refused(one_rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = two_linears()
+    fully_shard(model[0], mesh=init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard")))
+    with pytest.raises(ValueError, match="2-D device mesh"):
+        build(model)
+
+
+def test_fsdp1_mixed_with_fsdp2_is_refused(one_rank):
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    model = two_linears()
+    model[2] = FullyShardedDataParallel(model[2], device_id=torch.device("cpu"))
+    fully_shard(model[0], mesh=one_rank)
+    with pytest.raises(ValueError, match=r"FSDP1 \(FullyShardedDataParallel\) modules \['2'\] mixed with FSDP2"):
+        build(model)
+
+
+def test_cpu_offload_is_refused(one_rank):
+    """FSDP2's CPU offload needs an accelerator to construct: the policy is set where FSDP2 keeps it."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    model = two_linears()
+    fully_shard(model[0], mesh=one_rank)
+    group = model[0]._get_fsdp_state()._fsdp_param_group
+    assert hasattr(group, "offload_policy"), "FSDP2 moved its offload policy: update sharding._offloading_modules"
+    group.offload_policy = CPUOffloadPolicy()
+    with pytest.raises(ValueError, match=r"CPU offload .* on \['0'\]"):
+        build(model)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"step_rule": "ekfac"}, "`step_rule` must be 'kfac'"),
+        ({"bias_mode": "separate"}, "layer '0' .* cannot be preconditioned sharded"),
+    ],
+)
+def test_unsupported_options_and_layers_are_refused(one_rank, options, message):
+    from torch.distributed.fsdp import fully_shard
+
+    model = two_linears()
+    fully_shard(model[0], mesh=one_rank)
+    fully_shard(model, mesh=one_rank)
+    with pytest.raises(ValueError, match=message):
+        build(model, **options)
