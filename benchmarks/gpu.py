@@ -1,7 +1,8 @@
 """The GPU check, one command: ``python -m benchmarks --gpu`` (meant to finish in under 8 minutes on one H100/H200).
 
 1. The CUDA tests (tests/test_cuda.py): exact mode against the float64 reference on CUDA,
-   16-mixed with a real GradScaler, bf16-mixed, and no host sync in a step between refreshes.
+   16-mixed with a real GradScaler, bf16-mixed, no host sync in a step between refreshes, and the callback
+   under single-GPU FSDP2 (ModelParallelStrategy, fully_shard) against the plain engine.
 2. The step ratio against SGD for a GPT of width 512, 8 layers, 256-token sequences and a
    CIFAR ResNet-18 on synthetic 32×32 batches of 256 (benchmarks/step_overhead.py).
 3. Layer scaling at d = 4096 and 8192, k = 32 (benchmarks/layer_scaling.py).

@@ -281,6 +281,33 @@ def automatic_step_table() -> str:
     return _table(header, rows)
 
 
+def _megabytes(count: float) -> str:
+    return f"{count / 1e6:.2f} MB"
+
+
+def sharding_bytes_table() -> str:
+    """Per width and rank: FSDP2's gradient reduce-scatter, the curvature's bytes per step, and their ratios."""
+    rows = [
+        [
+            f"{row['width']:,}",
+            f"{row['rank k']}",
+            _megabytes(row["FSDP reduce-scatter bytes"]),
+            _megabytes(row["shards bytes"] + row["kl + checks bytes"]),
+            f"{100 * row['step / reduce-scatter']:.2f}%",
+            f"{100 * row['model k·Σd_in / Σd_out·d_in']:.2f}%",
+            _megabytes(row["statistics bytes"]),
+            f"{100 * row['statistics / reduce-scatter']:.2f}%",
+            f"{100 * row['all / reduce-scatter']:.2f}%",
+        ]
+        for row in _rows("sharding_bytes")
+    ]
+    header = [
+        "width d", "k", "FSDP2 gradient reduce-scatter", "preconditioning (Wᵀ X, KL clip)", "its share",
+        "model 7k / 12d", "statistics (sketches)", "their share", "both, a fold every step",
+    ]  # fmt: skip
+    return _table(header, rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "README.md": readme_table,
     "README.md#main-job": main_job_sentence,
@@ -292,6 +319,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "docs/benchmarks.md#layer-scaling": layer_scaling_table,
     "docs/benchmarks.md#approximation-quality": approximation_table,
     "docs/step-rules.md#automatic-step-size": automatic_step_table,
+    "docs/distributed.md#fsdp2": sharding_bytes_table,
 }
 
 

@@ -175,13 +175,13 @@ def run_lightning(args: argparse.Namespace) -> None:
     callback = LowRankKFACCallback(log_stats=False, **options(args.mode))
     strategy = ModelParallelStrategy(data_parallel_size=args.world, tensor_parallel_size=1)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=args.world, strategy=strategy, max_steps=args.steps, callbacks=[callback],
+        accelerator=args.accelerator, devices=args.world, strategy=strategy, max_steps=args.steps, callbacks=[callback],
         use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
     )  # fmt: skip
     module = Sharded()
     trainer.fit(module)
-    parameters = {name.removeprefix("net."): value for name, value in full_parameters(module).items()}
+    parameters = {name.removeprefix("net."): value.cpu() for name, value in full_parameters(module).items()}
     if trainer.global_rank == 0:
         engine = callback.engine
         sharded = sorted(engine.layers[i].name.removeprefix("net.") for i in engine.sharding.shards)
@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--port", type=int, default=29541)
     parser.add_argument("--driver", choices=["engine", "lightning"], default="engine")
+    parser.add_argument("--accelerator", choices=["cpu", "cuda"], default="cpu", help="lightning driver only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.driver == "lightning":

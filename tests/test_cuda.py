@@ -95,3 +95,25 @@ def test_no_host_sync_in_a_step_between_refreshes(step_rule):
     in_place = [kfac.rules[i].fused_step() is not None for i in range(len(kfac.layers))]
     assert in_place == ([False, True, False] if step_rule == "kfac" else [False] * 3)
     print(f"{step_rule}: host syncs on 2 refresh steps: {refresh_syncs}")
+
+
+def test_callback_under_single_gpu_fsdp2_matches_the_plain_engine_on_the_cpu(tmp_path):
+    """Lightning's ModelParallelStrategy on one GPU (fully_shard on a 1-rank mesh): the sharded path on CUDA."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "fsdp_run.py"
+
+    def run(name: str, *extra: str) -> dict:
+        out = tmp_path / f"{name}.pt"
+        command = [sys.executable, str(script), "--out", str(out), "--world", "1", "--mode", "exact", *extra]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return torch.load(out, weights_only=False)
+
+    gpu = run("gpu", "--driver", "lightning", "--accelerator", "cuda", "--port", "29650")
+    cpu = run("cpu")
+    assert gpu["sharded"] == ["0", "2.conv", "4"]
+    for name, value in cpu["parameters"].items():
+        torch.testing.assert_close(gpu["parameters"][name], value, rtol=1e-8, atol=1e-8, msg=name)

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import report
 
@@ -35,8 +36,12 @@ def test_python_snippets_run(page, tmp_path, monkeypatch):
     namespace: dict = {"__name__": "__snippet__"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for index, code in enumerate(snippets(page, "python")):
-            exec(compile(code, f"{page.name}:snippet {index + 1}", "exec"), namespace)
+        try:
+            for index, code in enumerate(snippets(page, "python")):
+                exec(compile(code, f"{page.name}:snippet {index + 1}", "exec"), namespace)
+        finally:  # a snippet under a distributed strategy leaves its one-process group behind
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
