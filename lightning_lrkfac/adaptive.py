@@ -21,7 +21,7 @@ prediction, whatever the loss.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -191,8 +191,18 @@ class AutomaticStep:
     at the new point.
     """
 
-    def __init__(self, params: Sequence[Tensor], damping: float, interval: int, minimum: float) -> None:
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        damping: float,
+        interval: int,
+        minimum: float,
+        average: Callable[[list[Tensor]], None] | None = None,
+    ) -> None:
         self.params = list(params)
+        #: In-place mean over data-parallel ranks of the batch-dependent numbers (G's products and the losses);
+        #: None in one process. The gradients are averaged already, so everything else agrees on every rank.
+        self.average = average
         self.lm = LevenbergMarquardt(damping, interval, minimum)
         self.products = GaussNewtonProducts()
         self.loss: Tensor | None = None
@@ -235,6 +245,8 @@ class AutomaticStep:
         vectors = [grads] + ([self.previous] if self.coefficients is not None else [])
         device = self.params[0].device
         gram = self.products.gram(vectors, device)
+        if self.average is not None:
+            self.average([gram])
         overlaps = torch.stack([torch.stack([_inner(u, v, device) for v in vectors]) for u in vectors])
         gradient_products = torch.stack([_inner(v, raw_grads, device) for v in vectors])
         x, change = step_coefficients(gram, overlaps, gradient_products, self.lm.damping)
@@ -255,7 +267,12 @@ class AutomaticStep:
         A step that raised its own batch's loss (ρ < 0, or anything not finite) is rejected: ``.grad`` and s
         become zero, so the optimizer does not move, and λ grows by ``rejection_factor``.
         """
-        old, predicted = float(self.loss), float(self.predicted_change)
+        losses = torch.stack(
+            [self.loss.to(torch.float64), torch.tensor(new_loss, dtype=torch.float64, device=self.loss.device)]
+        )
+        if self.average is not None:
+            self.average([losses])
+        (old, new_loss), predicted = losses.tolist(), float(self.predicted_change)
         self.ratio = (new_loss - old) / predicted if predicted < 0 else math.nan
         if self.ratio >= 0:
             self.lm.adapt(self.ratio)

@@ -96,10 +96,10 @@ class LowRankKFACCallback(Callback):
                 "LowRankKFACCallback needs automatic optimization (`automatic_optimization = True`): it preconditions in `on_before_optimizer_step`, which manual optimization bypasses."
             )
         check_strategy(trainer.strategy)
-        if self.options.step_size == "auto" and type(trainer.strategy) is not SingleDeviceStrategy:
+        if self.options.step_size == "auto" and isinstance(trainer.strategy, ModelParallelStrategy):
             raise RuntimeError(
-                f"LowRankKFACCallback: `step_size`='auto' runs on a single device for now, the strategy is "
-                f"{type(trainer.strategy).__name__}; use step_size 'optimizer' under DDP"
+                "LowRankKFACCallback: `step_size`='auto' needs whole gradients on every rank (a single device or DDP); "
+                "under FSDP2 (ModelParallelStrategy) use step_size 'optimizer'"
             )
         if not isinstance(trainer.strategy, ModelParallelStrategy):
             self._create_engine(pl_module)

@@ -127,12 +127,6 @@ class LowRankKFAC:
             raise ValueError(
                 f"LowRankKFAC: `step_size`='auto' needs dense gradients; these modules have sparse=True: {sparse}"
             )
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:
-                raise ValueError(
-                    "LowRankKFAC: `step_size`='auto' runs in one process for now; under torch.distributed use "
-                    "step_size 'optimizer'"
-                )
         params = [p for p in self.model.parameters() if p.requires_grad]
         return AutomaticStep(params, float(options.damping), options.damping_adaptation_interval, options.min_damping)
 
@@ -154,6 +148,15 @@ class LowRankKFAC:
         self.rules = [self._make_rule(layer) for layer in self.layers]
         self.comm = Communicator.from_default_group()
         self.sharding = detect_sharding(self.model, self.layers, self.comm, options)
+        if self.automatic is not None:
+            if self.sharding is not None:
+                raise ValueError(
+                    "LowRankKFAC: `step_size`='auto' needs whole gradients on every rank (data parallel); under FSDP2 "
+                    "use step_size 'optimizer'"
+                )
+            if self.comm.active:  # DDP: G's products and the losses come from each rank's part of the batch
+                world_size = self.comm.world_size
+                self.automatic.average = lambda tensors: self._mean_over_ranks(tensors, world_size)
         if options.work_distribution == "layerwise":
             self.owners = balanced_owners([layer.work_cost() for layer in self.layers], self.comm.world_size)
         else:
@@ -167,6 +170,11 @@ class LowRankKFAC:
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self._restore(state)
+
+    def _mean_over_ranks(self, tensors: list[Tensor], world_size: int) -> None:
+        self.comm.all_reduce_sum(tensors, kind="automatic step")
+        for tensor in tensors:
+            tensor.div_(world_size)
 
     def _make_rule(self, layer: KFACLayer) -> StepRule:
         options = self.options

@@ -28,9 +28,10 @@ LR = 0.1
 
 def kfac_options(args: argparse.Namespace) -> dict:
     """dense_threshold 0: below rank 65 every factor (the head's B of 10 too) is low-rank, sketches communicated."""
+    automatic = {"step_size": "auto", "kl_clip": None} if args.step_size == "auto" else {}
     return dict(
         rank=args.rank, oversampling=4, basis_update_interval=2, work_distribution=args.work, log_stats=False,
-        step_rule=args.step_rule, dense_threshold=0,
+        step_rule=args.step_rule, dense_threshold=0, **automatic,
     )  # fmt: skip
 
 
@@ -42,9 +43,16 @@ def shard_loader(world_size: int, rank: int, global_batch: int) -> torch.utils.d
     return torch.utils.data.DataLoader(dataset, batch_size=global_batch // world_size, sampler=sampler)
 
 
-def new_model() -> DigitsModule:
+class AutomaticStepDigits(DigitsModule):
+    """step_size='auto' wants SGD(lr=1) without momentum."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+def new_model(step_size: str = "optimizer") -> DigitsModule:
     torch.manual_seed(0)
-    return DigitsModule(lr=LR, width=32)
+    return (AutomaticStepDigits if step_size == "auto" else DigitsModule)(lr=LR, width=32)
 
 
 def save(out: Path, rank: int, model: torch.nn.Module, engine: LowRankKFAC | None, **extra) -> None:
@@ -97,7 +105,7 @@ def run_lightning(args: argparse.Namespace) -> None:
         enable_model_summary=False,
         use_distributed_sampler=False,
     )
-    model = new_model()
+    model = new_model(args.step_size)
     trainer.fit(model, Shards())
     save(args.out, trainer.global_rank, model, None if args.plain else callback.engine)
 
@@ -106,8 +114,8 @@ def engine_worker(rank: int, args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     if args.devices > 1:
         dist.init_process_group("gloo", rank=rank, world_size=args.devices)
-    model = new_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    model = new_model(args.step_size)
+    optimizer = model.configure_optimizers()
     options = kfac_options(args)
     options.pop("log_stats")
     kfac = LowRankKFAC(model, **options)
@@ -127,8 +135,9 @@ def engine_worker(rank: int, args: argparse.Namespace) -> None:
             x, y = next(batches)
             optimizer.zero_grad()
             loss = F.cross_entropy(net(x), y)
+            kfac.before_backward(loss)  # step_size='auto': G's graphs (a no-op otherwise)
             loss.backward()
-            kfac.step(lr=optimizer)
+            kfac.step(lr=optimizer, loss_closure=lambda x=x, y=y: F.cross_entropy(model(x), y))
             optimizer.step()
             if step + 1 == args.save_at and rank == 0:
                 args.out.mkdir(parents=True, exist_ok=True)
@@ -152,6 +161,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8, help="K-FAC rank (≥ 65: exact mode)")
     parser.add_argument("--work", default="replicate")
     parser.add_argument("--step-rule", default="kfac", choices=("kfac", "ekfac"))
+    parser.add_argument("--step-size", default="optimizer", choices=("optimizer", "auto"))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--plain", action="store_true", help="no callback (plain SGD), to check the harness")
     parser.add_argument("--out", type=Path, required=True)

@@ -65,11 +65,15 @@ def runs(ddp_root) -> dict[str, dict[int, dict]]:
         "engine_single": run(root / "engine_single", *ENGINE_SAVE, "--devices", "1"),
         "engine_ekfac_layerwise": run(root / "engine_ekfac_layerwise", *EKFAC, "--work", "layerwise"),
         "engine_ekfac_single": run(root / "engine_ekfac_single", *EKFAC, "--devices", "1"),
+        "engine_auto_single": run(root / "engine_auto_single", *AUTO, "--driver", "engine", "--devices", "1"),
+        "engine_auto_ddp": run(root / "engine_auto_ddp", *AUTO, "--driver", "engine"),
+        "ddp_auto": run(root / "ddp_auto", *AUTO),
     }
 
 
 ENGINE_SAVE = ("--driver", "engine", "--save-at", str(STEPS // 2))
 EKFAC = ("--driver", "engine", "--step-rule", "ekfac")
+AUTO = ("--step-size", "auto")
 RESUMES = {  # (checkpoint's run, world size, work distribution) of each resumed run
     "2-ranks-layerwise-to-1": ("engine_lowrank_layerwise", 1, "layerwise"),
     "2-ranks-replicate-to-1": ("engine_lowrank_replicate", 1, "replicate"),
@@ -169,3 +173,17 @@ def test_balanced_owners_is_greedy_largest_first():
     assert balanced_owners([5.0, 1.0, 4.0, 3.0, 3.0], 2) == [0, 1, 1, 1, 0]  # 5|4, 5|7, 8|7, 8|8
     assert balanced_owners([1.0, 1.0, 1.0], 3) == [0, 1, 2]
     assert balanced_owners([2.0, 1.0], 1) == [0, 0]
+
+
+@pytest.mark.parametrize("name", ["engine_auto_ddp", "ddp_auto"])
+def test_automatic_step_under_ddp_equals_one_process_with_the_global_batch(runs, name):
+    """step_size='auto': G's products and the losses are averaged over the ranks, so α, μ, ρ and λ agree."""
+    ranks = runs[name]
+    assert sorted(ranks) == [0, 1]
+    for key, value in ranks[0]["parameters"].items():
+        assert torch.equal(value, ranks[1]["parameters"][key]), key
+    single = runs["engine_auto_single"][0]["parameters"]
+    assert max_relative_difference(ranks[0]["parameters"], single) < 1e-4
+    # power: the automatic step ends far from K-FAC with SGD + momentum after the same steps
+    assert max_relative_difference(runs["single_lowrank"][0]["parameters"], single) > 0.05
+    assert ranks[0]["bytes"]["automatic step"] > 0
