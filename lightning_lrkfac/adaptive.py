@@ -25,7 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from .options import KFACOptions
 
 #: Levenberg–Marquardt's thresholds on the reduction ratio ρ and its factor per step (Martens & Grosse 2015, §6.5).
 GOOD_RATIO, POOR_RATIO, DECAY_PER_STEP = 0.75, 0.25, 19.0 / 20.0
@@ -183,6 +185,34 @@ class LevenbergMarquardt:
         self.damping = min(max(self.damping * self.rejection_factor, self.minimum), self.maximum)
 
 
+def check_plain_sgd(optimizer: torch.optim.Optimizer) -> None:
+    """The update must be θ ← θ − .grad exactly: torch.optim.SGD with lr 1, no momentum, no weight decay."""
+    wanted = {"lr": 1.0, "momentum": 0, "weight_decay": 0, "nesterov": False, "maximize": False}
+    for index, group in enumerate(optimizer.param_groups):
+        wrong = {key: group.get(key) for key, value in wanted.items() if group.get(key, value) != value}
+        if not isinstance(optimizer, torch.optim.SGD) or wrong:
+            raise ValueError(
+                "LowRankKFAC: `step_size`='auto' chooses the step size and momentum itself; use "
+                "torch.optim.SGD(params, lr=1.0, momentum=0, weight_decay=0), got "
+                f"{type(optimizer).__name__} with param group {index} {wrong or {k: v for k, v in group.items() if k != 'params'}}"
+            )
+
+
+def loss_at_update(params: Sequence[Tensor], loss_closure: Callable[[], Tensor | float | None]) -> float | None:
+    """The closure's loss at θ − .grad (where the optimizer will step); the parameters are restored exactly."""
+    params = [p for p in params if p.grad is not None]
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        for param in params:
+            param.sub_(param.grad)
+        try:
+            loss = loss_closure()
+        finally:
+            for param, value in zip(params, saved):
+                param.copy_(value)
+    return None if loss is None else float(loss)
+
+
 class AutomaticStep:
     """``step_size="auto"`` for one model: the Gauss–Newton products of the batch, the previous update s and λ.
 
@@ -214,6 +244,19 @@ class AutomaticStep:
         self.ratio = math.nan
         #: Steps rejected so far (their loss rose).
         self.rejections = 0
+
+    @classmethod
+    def for_model(cls, model: nn.Module, options: KFACOptions) -> AutomaticStep | None:
+        """The state of ``step_size="auto"`` over every trainable parameter of ``model``, or None when it is off."""
+        if options.step_size != "auto":
+            return None
+        sparse = [name for name, m in model.named_modules() if getattr(m, "sparse", False) is True]
+        if sparse:
+            raise ValueError(
+                f"LowRankKFAC: `step_size`='auto' needs dense gradients; these modules have sparse=True: {sparse}"
+            )
+        params = [p for p in model.parameters() if p.requires_grad]
+        return cls(params, float(options.damping), options.damping_adaptation_interval, options.min_damping)
 
     def build(self) -> None:
         """The previous update, zero, on each parameter's device (idempotent)."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adaptive import AutomaticStep
+from .adaptive import AutomaticStep, check_plain_sgd, loss_at_update
 from .capture import ActivationCapture
 from .coverage import coverage_rows, format_coverage
 from .distributed import Communicator, balanced_owners
@@ -98,7 +98,7 @@ class LowRankKFAC:
         self.capture.attach()
         self.capture.enabled = self.factor_update_due(0)
         #: ``step_size="auto"``: the Gauss–Newton products, the previous update and the adapted λ.
-        self.automatic = self._make_automatic_step()
+        self.automatic = AutomaticStep.for_model(model, self.options)
         self.capture.always_predict = self.automatic is not None
 
     def _prediction_module(self) -> nn.Module | None:
@@ -116,19 +116,6 @@ class LowRankKFAC:
                 f"got {name!r}; handled layers: {[layer.name for layer in self.layers]}"
             )
         return modules[name]
-
-    def _make_automatic_step(self) -> AutomaticStep | None:
-        """The state of ``step_size="auto"`` over every trainable parameter, or None; refuses what it cannot do."""
-        options = self.options
-        if options.step_size != "auto":
-            return None
-        sparse = [name for name, m in self.model.named_modules() if getattr(m, "sparse", False) is True]
-        if sparse:
-            raise ValueError(
-                f"LowRankKFAC: `step_size`='auto' needs dense gradients; these modules have sparse=True: {sparse}"
-            )
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        return AutomaticStep(params, float(options.damping), options.damping_adaptation_interval, options.min_damping)
 
     # -- lifetime -----------------------------------------------------------------------
     def build(self) -> None:
@@ -188,7 +175,7 @@ class LowRankKFAC:
         """``step_rule="soap"`` and ``step_size="auto"`` hand the optimizer a finished step: it must not add momentum
         or rescale it."""
         if self.options.step_size == "auto":
-            self._check_plain_sgd(optimizer)
+            check_plain_sgd(optimizer)
         if self.options.step_rule != "soap":
             return
         for index, group in enumerate(optimizer.param_groups):
@@ -197,19 +184,6 @@ class LowRankKFAC:
                     f"LowRankKFAC: step_rule='soap' already applies Adam's moments; use torch.optim.SGD with momentum=0 "
                     f"(its lr is then Adam's), got {type(optimizer).__name__} with param group {index}: "
                     f"{ {k: v for k, v in group.items() if k != 'params'} }"
-                )
-
-    @staticmethod
-    def _check_plain_sgd(optimizer: torch.optim.Optimizer) -> None:
-        """``step_size="auto"`` needs θ ← θ − .grad exactly: torch.optim.SGD with lr 1, no momentum, no weight decay."""
-        wanted = {"lr": 1.0, "momentum": 0, "weight_decay": 0, "nesterov": False, "maximize": False}
-        for index, group in enumerate(optimizer.param_groups):
-            wrong = {key: group.get(key) for key, value in wanted.items() if group.get(key, value) != value}
-            if not isinstance(optimizer, torch.optim.SGD) or wrong:
-                raise ValueError(
-                    "LowRankKFAC: `step_size`='auto' chooses the step size and momentum itself; use "
-                    "torch.optim.SGD(params, lr=1.0, momentum=0, weight_decay=0), got "
-                    f"{type(optimizer).__name__} with param group {index} {wrong or {k: v for k, v in group.items() if k != 'params'}}"
                 )
 
     def _factor_dtype(self, layer: KFACLayer) -> torch.dtype:
@@ -365,24 +339,10 @@ class LowRankKFAC:
             self.precondition(None, None, grads_finite)
         automatic.combine(raw, grads_finite)
         if loss_closure is not None and automatic.lm.due(self.steps):
-            new_loss = self._loss_at_update(loss_closure)
+            new_loss = loss_at_update(automatic.params, loss_closure)
             if new_loss is not None:
                 automatic.adapt(new_loss)  # a rejected step leaves .grad zero: the optimizer stays
         automatic.end_step()
-
-    def _loss_at_update(self, loss_closure: Callable[[], Tensor | float | None]) -> float | None:
-        """The closure's loss at θ − .grad (the point the optimizer will step to); the parameters are restored exactly."""
-        params = [p for p in self.automatic.params if p.grad is not None]
-        with torch.no_grad():
-            saved = [p.detach().clone() for p in params]
-            for param in params:
-                param.sub_(param.grad)
-            try:
-                loss = loss_closure()
-            finally:
-                for param, value in zip(params, saved):
-                    param.copy_(value)
-        return None if loss is None else float(loss)
 
     def _end_step(self, started: float, preconditioned: bool, damping: float) -> None:
         self.steps += 1
