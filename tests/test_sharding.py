@@ -31,6 +31,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_SINGLE_PROCESS: dict[tuple, dict] = {}
+
+
+def single_process(tmp_path: Path, **args) -> dict:
+    """A one-process reference run, shared by the tests that compare against the same one."""
+    key = tuple(sorted(args.items()))
+    if key not in _SINGLE_PROCESS:
+        _SINGLE_PROCESS[key] = run(tmp_path, "single", world=1, **args)
+    return _SINGLE_PROCESS[key]
+
+
 def run(tmp_path: Path, name: str, **args) -> dict:
     out = tmp_path / f"{name}.pt"
     command = [sys.executable, str(SCRIPT), "--out", str(out), "--port", str(free_port())]
@@ -53,7 +64,7 @@ def assert_parameters_close(left: dict, right: dict, tolerance: float) -> None:
     [("mlp", "exact", 1e-10), ("mlp", "lowrank", 1e-6), ("tokens", "exact", 1e-10), ("tokens", "lowrank", 1e-6)],
 )
 def test_two_sharded_ranks_match_one_process_with_the_global_batch(tmp_path, model, mode, tolerance):
-    single = run(tmp_path, "single", world=1, model=model, mode=mode)
+    single = single_process(tmp_path, model=model, mode=mode)
     sharded = run(tmp_path, "sharded", world=2, model=model, mode=mode)
     assert single["sharded"] == [] and len(sharded["sharded"]) == 3, "every handled layer is sharded"
     assert_parameters_close(sharded["parameters"], single["parameters"], tolerance)
@@ -71,7 +82,7 @@ def test_two_sharded_ranks_match_one_process_with_the_global_batch(tmp_path, mod
 
 @pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
 def test_resume_across_world_sizes(tmp_path, first, then):
-    straight = run(tmp_path, "straight", world=1, mode="lowrank", steps=4, momentum=0.0)
+    straight = single_process(tmp_path, mode="lowrank", steps=4, momentum=0.0)
     half = run(tmp_path, "half", world=first, mode="lowrank", steps=2, momentum=0.0)
     resumed = run(tmp_path, "resumed", world=then, mode="lowrank", steps=2, momentum=0.0, load=tmp_path / "half.pt")
     assert resumed["steps"] == 4 and half["steps"] == 2
@@ -100,7 +111,7 @@ def test_chunk_rows_is_torch_chunk():
 
 def test_callback_under_lightning_fsdp2_matches_one_process(tmp_path):
     """ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) on the CPU, fully_shard in configure_model."""
-    single = run(tmp_path, "single", world=1, model="mlp", mode="exact")
+    single = single_process(tmp_path, model="mlp", mode="exact")
     lightning = run(tmp_path, "lightning", driver="lightning", world=2, model="mlp", mode="exact")
     assert lightning["sharded"] == ["0", "2.conv", "4"]
     assert_parameters_close(lightning["parameters"], single["parameters"], 1e-10)
