@@ -48,6 +48,12 @@ def _inner(left: Sequence[Tensor | None], right: Sequence[Tensor | None], device
     return sum((_dot(a, b, device) for a, b in zip(left, right)), torch.zeros((), dtype=torch.float64, device=device))
 
 
+def _symmetric(lower: list[list[Tensor]]) -> Tensor:
+    """The symmetric m×m matrix whose row i starts with ``lower[i]`` (its entries j ≤ i)."""
+    m = len(lower)
+    return torch.stack([torch.stack([lower[max(i, j)][min(i, j)] for j in range(m)]) for i in range(m)])
+
+
 @dataclass
 class _Graph:
     """One loss's graphs: per parameter Jᵀu; per prediction its duals u and w', and H w'."""
@@ -60,14 +66,21 @@ class _Graph:
 
 
 def _linear_map(
-    outputs: Sequence[Tensor | None], inputs: list[Tensor], grad_outputs: Sequence[Tensor | None]
+    outputs: Sequence[Tensor | None],
+    inputs: list[Tensor],
+    grad_outputs: Sequence[Tensor | None],
+    create_graph: bool = False,
 ) -> list[Tensor | None]:
     """Σ ∂⟨outputᵢ, grad_outputᵢ⟩/∂inputs over the pairs that exist and carry a graph (a list of None if none)."""
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and o.requires_grad and g is not None]
     if not pairs:
         return [None] * len(inputs)
     selected, directions = zip(*pairs)
-    return list(torch.autograd.grad(selected, inputs, directions, retain_graph=True, allow_unused=True))
+    return list(
+        torch.autograd.grad(
+            selected, inputs, directions, retain_graph=True, create_graph=create_graph, allow_unused=True
+        )
+    )
 
 
 class GaussNewtonProducts:
@@ -93,15 +106,8 @@ class GaussNewtonProducts:
         )
         loss_grads = torch.autograd.grad(loss, predictions, create_graph=True, retain_graph=True, allow_unused=True)
         curvature_duals = [torch.zeros_like(z, requires_grad=True) for z in predictions]
-        pairs = [(g, w) for g, w in zip(loss_grads, curvature_duals) if g is not None and g.requires_grad]
-        curved: list[Tensor | None] = [None] * len(predictions)
-        if pairs:  # a loss linear in its prediction has no curvature there
-            outputs, directions = zip(*pairs)
-            curved = list(
-                torch.autograd.grad(
-                    outputs, predictions, directions, create_graph=True, retain_graph=True, allow_unused=True
-                )
-            )
+        # H w' (None where the loss is linear in that prediction: no curvature there)
+        curved = _linear_map(loss_grads, predictions, curvature_duals, create_graph=True)
         self._graphs.append(_Graph(duals, list(transposed), curvature_duals, curved, scale))
 
     def clear(self) -> None:
@@ -111,17 +117,14 @@ class GaussNewtonProducts:
     def gram(self, vectors: Sequence[Sequence[Tensor | None]], device: torch.device) -> Tensor:
         """[vᵢᵀ G vⱼ] (float64, m×m, on ``device``) for m parameter-shaped vectors, each aligned with :meth:`add`'s ``params``."""
         m = len(vectors)
-        entries = [[torch.zeros((), dtype=torch.float64, device=device) for _ in range(m)] for _ in range(m)]
+        entries = [[torch.zeros((), dtype=torch.float64, device=device) for _ in range(i + 1)] for i in range(m)]
         for graph in self._graphs:
             jacobian = [_linear_map(graph.transposed, graph.duals, v) for v in vectors]  # J v
             curved = [_linear_map(graph.curved, graph.curvature_duals, j) for j in jacobian]  # H J v
             for i in range(m):
-                for j in range(i, m):
-                    entries[i][j] = entries[i][j] + _inner(jacobian[i], curved[j], device) / graph.scale
-        for i in range(m):
-            for j in range(i):
-                entries[i][j] = entries[j][i]
-        return torch.stack([torch.stack(row) for row in entries])
+                for j in range(i + 1):
+                    entries[i][j] = entries[i][j] + _inner(curved[i], jacobian[j], device) / graph.scale
+        return _symmetric(entries)
 
 
 def step_coefficients(
@@ -290,7 +293,7 @@ class AutomaticStep:
         gram = self.products.gram(vectors, device)
         if self.average is not None:
             self.average([gram])
-        overlaps = torch.stack([torch.stack([_inner(u, v, device) for v in vectors]) for u in vectors])
+        overlaps = _symmetric([[_inner(u, v, device) for v in vectors[: i + 1]] for i, u in enumerate(vectors)])
         gradient_products = torch.stack([_inner(v, raw_grads, device) for v in vectors])
         x, change = step_coefficients(gram, overlaps, gradient_products, self.lm.damping)
         alpha = x[0]

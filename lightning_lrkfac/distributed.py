@@ -85,6 +85,13 @@ class Communicator:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         _unflatten_into(flat, tensors)
 
+    def all_reduce_mean(self, tensors: Sequence[Tensor], kind: str) -> None:
+        """In-place mean over ranks (one flat collective)."""
+        self.all_reduce_sum(tensors, kind)
+        if self.active:
+            for tensor in tensors:
+                tensor.div_(self.world_size)
+
     def broadcast_from_owners(self, groups: Sequence[Sequence[Tensor]], owners: Sequence[int], kind: str) -> None:
         """For each owner rank, one broadcast of the tensors of the groups it owns (in place elsewhere)."""
         if not self.active:

@@ -142,8 +142,7 @@ class LowRankKFAC:
                     "use step_size 'optimizer'"
                 )
             if self.comm.active:  # DDP: G's products and the losses come from each rank's part of the batch
-                world_size = self.comm.world_size
-                self.automatic.average = lambda tensors: self._mean_over_ranks(tensors, world_size)
+                self.automatic.average = partial(self.comm.all_reduce_mean, kind="automatic step")
         if options.work_distribution == "layerwise":
             self.owners = balanced_owners([layer.work_cost() for layer in self.layers], self.comm.world_size)
         else:
@@ -157,11 +156,6 @@ class LowRankKFAC:
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self._restore(state)
-
-    def _mean_over_ranks(self, tensors: list[Tensor], world_size: int) -> None:
-        self.comm.all_reduce_sum(tensors, kind="automatic step")
-        for tensor in tensors:
-            tensor.div_(world_size)
 
     def _make_rule(self, layer: KFACLayer) -> StepRule:
         options = self.options
@@ -226,6 +220,7 @@ class LowRankKFAC:
         Gauss–Newton products through the captured prediction (a backward that keeps its graph).
         No-op when neither is on.
         """
+        sampling = self.options.fisher_type == "mc" and self.capture.enabled
         if self.automatic is not None:
             if loss is None:
                 raise ValueError(
@@ -233,9 +228,8 @@ class LowRankKFAC:
                 )
             self.build()
             self.automatic.record(loss, self.capture.predictions, loss_scale)
-            if self.options.fisher_type != "mc" or not self.capture.enabled:
-                self.capture.predictions.clear()
-        if self.options.fisher_type != "mc" or not self.capture.enabled:
+        if not sampling:
+            self.capture.predictions.clear()  # whatever was recorded for the automatic step is in its graphs now
             return
         self.build()
         sampled_loss = partial(

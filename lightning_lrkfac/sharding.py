@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .distributed import Communicator
 from .layers import KFACLayer
+from .layers.base import write_scaled
 from .layers.conv import ConvLayer
 from .layers.embedding import EmbeddingLayer
 from .layers.linear import LinearLayer
@@ -103,16 +104,15 @@ class ShardedLayer:
 
     def write(self, natural: Tensor, scale: Tensor | None) -> None:
         """The preconditioned block (times ``scale``) into this rank's gradient shard(s), in place."""
-        natural = natural if scale is None else natural * scale
         local = self.layer.weight.grad.to_local()
         if self.side == "in":
-            local.copy_(natural.mT)
+            write_scaled(local.mT, natural, scale)
             return
-        columns = local[0].numel() if local.shape[0] else natural.shape[1] - int(self.layer.augment)
-        local.copy_(natural[:, :columns].reshape(local.shape))
+        columns = natural.shape[1] - int(self.layer.augment)
+        write_scaled(local.view(local.shape[0], columns), natural[:, :columns], scale)
         bias = self.layer.module.bias.grad if self.layer.augment else None
         if bias is not None:
-            bias.to_local().copy_(natural[:, columns])
+            write_scaled(bias.to_local(), natural[:, columns], scale)
 
 
 def _left_inverse_form(factor: KroneckerFactor) -> tuple[float, Tensor | None, Tensor, Tensor]:
