@@ -24,6 +24,9 @@ BENCHMARKS = {
     "step_rules": True,
     "automatic_step": False,
     "batch_scaling": False,
+    "language_model": True,
+    "sharding_bytes": False,
+    "main_job": False,
 }
 
 
@@ -32,7 +35,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=list(BENCHMARKS))
     parser.add_argument("--gpu", action="store_true", help="the GPU check only (benchmarks/gpu.py)")
+    parser.add_argument("--list", action="store_true", help="print every benchmark's name and first line, run none")
     args = parser.parse_args()
+    if args.list:
+        for name in BENCHMARKS:
+            doc = importlib.import_module(f"benchmarks.{name}").__doc__ or ""
+            print(f"{name:<18} {doc.strip().splitlines()[0] if doc.strip() else ''}")
+        return
     if args.gpu:
         importlib.import_module("benchmarks.gpu").main()
         return

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .common import RESULTS  # honours LRKFAC_RESULTS_DIR, as the scripts that write the files do
 
 
 def load(name: str) -> dict[str, Any]:
