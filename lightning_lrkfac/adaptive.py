@@ -188,19 +188,6 @@ class LevenbergMarquardt:
         self.damping = min(max(self.damping * self.rejection_factor, self.minimum), self.maximum)
 
 
-def check_plain_sgd(optimizer: torch.optim.Optimizer) -> None:
-    """The update must be θ ← θ − .grad exactly: torch.optim.SGD with lr 1, no momentum, no weight decay."""
-    wanted = {"lr": 1.0, "momentum": 0, "weight_decay": 0, "nesterov": False, "maximize": False}
-    for index, group in enumerate(optimizer.param_groups):
-        wrong = {key: group.get(key) for key, value in wanted.items() if group.get(key, value) != value}
-        if not isinstance(optimizer, torch.optim.SGD) or wrong:
-            raise ValueError(
-                "LowRankKFAC: `step_size`='auto' chooses the step size and momentum itself; use "
-                "torch.optim.SGD(params, lr=1.0, momentum=0, weight_decay=0), got "
-                f"{type(optimizer).__name__} with param group {index} {wrong or {k: v for k, v in group.items() if k != 'params'}}"
-            )
-
-
 def loss_at_update(params: Sequence[Tensor], loss_closure: Callable[[], Tensor | float | None]) -> float | None:
     """The closure's loss at θ − .grad (where the optimizer will step); the parameters are restored exactly."""
     params = [p for p in params if p.grad is not None]
@@ -236,7 +223,7 @@ class AutomaticStep:
         #: In-place mean over data-parallel ranks of the batch-dependent numbers (G's products and the losses);
         #: None in one process. The gradients are averaged already, so everything else agrees on every rank.
         self.average = average
-        self.lm = LevenbergMarquardt(damping, interval, minimum)
+        self.marquardt = LevenbergMarquardt(damping, interval, minimum)
         self.products = GaussNewtonProducts()
         self.loss: Tensor | None = None
         self.previous: list[Tensor] = []
@@ -266,8 +253,10 @@ class AutomaticStep:
         if not self.previous:
             self.previous = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in self.params]
 
-    def record(self, loss: Tensor, predictions: Sequence[Tensor], scale: float | Tensor = 1.0) -> None:
+    def record(self, loss: Tensor | None, predictions: Sequence[Tensor], scale: float | Tensor = 1.0) -> None:
         """One micro-batch: its loss (summed into h) and the graphs of its Gauss–Newton products."""
+        if loss is None:
+            raise ValueError("LowRankKFAC.before_backward: `step_size`='auto' needs the loss: before_backward(loss)")
         if not predictions:
             raise RuntimeError(
                 "step_size='auto': the prediction module's forward did not run with gradients before this backward; "
@@ -295,7 +284,7 @@ class AutomaticStep:
             self.average([gram])
         overlaps = _symmetric([[_inner(u, v, device) for v in vectors[: i + 1]] for i, u in enumerate(vectors)])
         gradient_products = torch.stack([_inner(v, raw_grads, device) for v in vectors])
-        x, change = step_coefficients(gram, overlaps, gradient_products, self.lm.damping)
+        x, change = step_coefficients(gram, overlaps, gradient_products, self.marquardt.damping)
         alpha = x[0]
         mu = x[1] if len(x) > 1 else torch.zeros_like(alpha)
         for grad, previous in zip(grads, self.previous):
@@ -321,15 +310,50 @@ class AutomaticStep:
         (old, new_loss), predicted = losses.tolist(), float(self.predicted_change)
         self.ratio = (new_loss - old) / predicted if predicted < 0 else math.nan
         if self.ratio >= 0:
-            self.lm.adapt(self.ratio)
+            self.marquardt.adapt(self.ratio)
             return True
         for param, previous in zip(self.params, self.previous):
             previous.zero_()
             if param.grad is not None:
                 param.grad.zero_()
-        self.lm.reject()
+        self.marquardt.reject()
         self.rejections += 1
         return False
+
+    def step(
+        self,
+        precondition: Callable[[], None] | None,
+        finite: Tensor | None,
+        loss_closure: Callable[[], Tensor | float | None] | None,
+        step: int,
+    ) -> None:
+        """P = ``precondition()``'s direction in ``.grad`` (the plain gradient while it is None: no factors yet),
+        then αP + μs into ``.grad``; on the adaptation steps, λ from the loss at the new point."""
+        if not self.recorded:
+            raise RuntimeError(
+                "LowRankKFAC: step_size='auto' needs `before_backward(loss)` between the forward and `backward()`"
+            )
+        raw = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
+        if precondition is not None:
+            precondition()
+        self.combine(raw, finite)
+        if loss_closure is not None and self.marquardt.due(step):
+            new_loss = loss_at_update(self.params, loss_closure)
+            if new_loss is not None:
+                self.adapt(new_loss)  # a rejected step leaves .grad zero: the optimizer stays
+        self.end_step()
+
+    def metrics(self) -> dict[str, float | Tensor]:
+        """α, μ of the last step, its reduction ratio ρ and the rejections so far (empty before the first step)."""
+        if self.coefficients is None:
+            return {}
+        alpha, mu = self.coefficients.float()
+        return {
+            "step_alpha": alpha,
+            "step_momentum": mu,
+            "reduction_ratio": self.ratio,
+            "rejected_steps": float(self.rejections),
+        }
 
     def end_step(self) -> None:
         """Drop the batch's graphs and loss."""
@@ -339,13 +363,13 @@ class AutomaticStep:
     def state_tensors(self) -> dict[str, Tensor]:
         self.build()
         started = torch.tensor(self.coefficients is not None)
-        return {"damping": torch.tensor(self.lm.damping, dtype=torch.float64), "started": started} | {
+        return {"damping": torch.tensor(self.marquardt.damping, dtype=torch.float64), "started": started} | {
             f"previous.{index}": tensor for index, tensor in enumerate(self.previous)
         }
 
     def load_state_tensors(self, state: dict[str, Tensor]) -> None:
         self.build()
-        self.lm.damping = float(state["damping"])
+        self.marquardt.damping = float(state["damping"])
         for index, tensor in enumerate(self.previous):
             tensor.copy_(state[f"previous.{index}"])
         self.coefficients = torch.zeros(2, dtype=torch.float64) if bool(state["started"]) else None

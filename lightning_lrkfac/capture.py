@@ -49,13 +49,14 @@ class ActivationCapture:
         self.predictions: list[Tensor] = []
         self._handles: list[RemovableHandle] = []
 
-    def attach(self) -> None:
-        """Install the hooks (idempotent)."""
+    def attach(self) -> ActivationCapture:
+        """Install the hooks (idempotent); returns the capture."""
         if self._handles:
-            return
+            return self
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self.modules]
         if self.prediction_module is not None:
             self._handles.append(self.prediction_module.register_forward_hook(self._prediction_hook))
+        return self
 
     def detach(self) -> None:
         """Remove the hooks and drop whatever was recorded."""
@@ -134,3 +135,17 @@ class ActivationCapture:
         self.inputs[module].clear()
         self.output_grads[module].clear()
         return inputs, grads
+
+
+def prediction_module(model: nn.Module, name: str | None, handled: list[str]) -> nn.Module:
+    """The submodule ``name`` of ``model`` whose output is the prediction (``model`` itself for None); a clear
+    error naming `mc_output_module` and the handled layers when there is none of that name."""
+    if name is None:
+        return model
+    modules = dict(model.named_modules())
+    if name not in modules:
+        raise ValueError(
+            f"LowRankKFAC: `mc_output_module` must name a submodule of {type(model).__name__}, "
+            f"got {name!r}; handled layers: {handled}"
+        )
+    return modules[name]

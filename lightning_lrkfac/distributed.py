@@ -20,7 +20,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-WORK_MODES = ("replicate", "layerwise")
+try:  # torch ≥ 2.4 (FSDP2's sharded parameters)
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - older torch: nothing is ever sharded
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def is_dtensor(tensor: object) -> bool:
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """This rank's part of a DTensor (a view), or the tensor itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def world() -> tuple[int, int]:

@@ -52,15 +52,15 @@ class FusedKroneckerStep:
         coefficients: Tensor,
         inverse_diag: Tensor | None,
         scaled_basis: Tensor,
-        core: Tensor,
+        middle: Tensor,
         inner_products: str = "none",
     ) -> FusedKroneckerStep:
         """Read G for P and Q (once more for the inner products); nothing is written yet.
 
         ``basis`` is U (in' × k_A, its last row the bias column's when ``bias`` is given); (``tail_scale``,
-        ``coefficients``) = (s, c) of A's inverse; (``inverse_diag``, ``scaled_basis``, ``core``) = (e, W, K)
-        of B's, K a matrix or a vector (diagonal), e None for a B kept whole (W its eigenvectors, −K the
-        inverse eigenvalues: no diagonal part, so L = W and R = R₂). ``inner_products``: "none", "total"
+        ``coefficients``) = (s, c) of A's inverse; (``inverse_diag``, ``scaled_basis``, ``middle``) = (e, W, −K)
+        of B's (:class:`.lowrank.InverseForm`), −K a matrix or a vector (diagonal), e None for a B kept whole
+        (W its eigenvectors, −K the inverse eigenvalues: no diagonal part, so L = W and R = R₂). ``inner_products``: "none", "total"
         (one ⟨N, G⟩) or "split" (the weight's and the bias's).
         """
         columns = weight.shape[1]
@@ -74,7 +74,7 @@ class FusedKroneckerStep:
             projections = torch.cat([projections, (scaled_basis.mT @ bias)[:, None]], dim=1)
         both_scaled = (scaled_basis.mT @ projected) * coefficients  # S diag(c)
         rest = torch.addmm(projections, both_scaled, basis.mT, beta=tail_scale)  # s·Q + S diag(c) Uᵀ
-        rest = (torch.mm(core, rest) if core.dim() == 2 else core[:, None] * rest).neg_()  # R₂
+        rest = torch.mm(middle, rest) if middle.dim() == 2 else middle[:, None] * rest  # R₂ = −K (s·Q + S diag(c) Uᵀ)
         if inverse_diag is None:
             products = None if inner_products == "none" else cls._rest_products(rest, projections, inner_products, bias)
             return cls(weight, bias, None, scaled_basis, rest, products)

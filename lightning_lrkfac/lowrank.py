@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -127,11 +128,31 @@ def check_tensors(current: dict[str, Tensor], saved: object, key: str) -> None:
             )
 
 
+@dataclass
+class InverseForm:
+    """The prepared damped inverse as (F̃ + δI)⁻¹ X = s·X + e∘X + W M (Wᵀ X), for callers that apply it in pieces
+    (in place, or on a row shard): ``diag`` e and ``basis`` W may be None, ``middle`` M is a matrix or a vector
+    (diagonal). Eigenpairs: s the tail's scale, e None, W = U, M = c; diagonal plus low rank (Woodbury): s = 0,
+    e = E⁻¹, W = E⁻¹V, M = −K; a diagonal: e only."""
+
+    scale: float
+    diag: Tensor | None
+    basis: Tensor | None
+    middle: Tensor | None
+
+    @property
+    def thin(self) -> bool:
+        """A one-block form whose basis keeps fewer directions than the dimension (a low-rank correction)."""
+        return self.basis is not None and self.basis.dim() == 2 and self.basis.shape[1] < self.basis.shape[0]
+
+
 class KroneckerFactor(ABC):
     """One EMA Kronecker factor (A or B) of one layer."""
 
     #: Isotropic level σ of the dropped spectrum, σ(I − UUᵀ); None where nothing is dropped.
     tail: Tensor | None = None
+    #: Eigenvalues the SPD guard raised so far (a 0-dim count); None for factors that are SPD by construction.
+    repairs: Tensor | None = None
 
     def __init__(self, dim: int, device: torch.device, dtype: torch.dtype) -> None:
         self.dim = dim
@@ -230,6 +251,14 @@ class KroneckerFactor(ABC):
     def inverse_left(self, matrix: Tensor) -> Tensor:
         """X ↦ (F̃ + δI)⁻¹ X."""
 
+    def inverse_form(self) -> InverseForm | None:
+        """The prepared inverse in pieces (see :class:`InverseForm`); None where it has no such form."""
+        return None
+
+    @abstractmethod
+    def describe(self) -> str:
+        """How the factor is kept, for the coverage table: 'dense 64', 'rank 16/512', 'diagonal 1000'."""
+
     def discard_pending(self) -> None:
         """Drop the pending statistics (a step that is skipped leaves no trace)."""
         for pending in self.pending_tensors():
@@ -302,6 +331,9 @@ class EigenInverse:
 
     def inverse_right(self, matrix: Tensor) -> Tensor:
         return apply_eigen_inverse_right(matrix, self.eigenvectors, self.inverse_coefficients, self._tail_scale)
+
+    def inverse_form(self) -> InverseForm:
+        return InverseForm(self._tail_scale, None, self.eigenvectors, self.inverse_coefficients)
 
     def inverse_left(self, matrix: Tensor) -> Tensor:
         return self.inverse_right(matrix.mT).mT
@@ -380,6 +412,9 @@ class DenseFactor(EigenInverse, KroneckerFactor):
     def captured_trace(self) -> Tensor:
         return torch.ones((), device=self.device, dtype=self.dtype)
 
+    def describe(self) -> str:
+        return f"dense {self.groups}×{self.dim}" if self.groups > 1 else f"dense {self.dim}"
+
     def basis_tensors(self) -> list[Tensor]:
         return [self.eigenvectors, self.eigenvalues]
 
@@ -429,6 +464,12 @@ class DiagonalFactor(KroneckerFactor):
 
     def captured_trace(self) -> Tensor:
         return torch.ones((), device=self.device, dtype=self.dtype)
+
+    def describe(self) -> str:
+        return f"diagonal {self.dim}"
+
+    def inverse_form(self) -> InverseForm:
+        return InverseForm(0.0, self.inverse_diagonal, None, None)
 
     def basis_tensors(self) -> list[Tensor]:
         return []  # a refresh computes nothing: the folded diagonal is the same on every rank
@@ -488,6 +529,9 @@ class SketchedFactor(KroneckerFactor):
 
     def _state(self) -> list[Tensor]:
         return [self.sketch]
+
+    def describe(self) -> str:
+        return f"rank {self.rank}/{self.dim}"
 
     def basis_tensors(self) -> list[Tensor]:
         """The eigenvectors are the first columns of ``test``, so they travel with it."""
@@ -586,6 +630,9 @@ class DiagPlusLowRankFactor(SketchedFactor):
 
     def inverse_right(self, matrix: Tensor) -> Tensor:
         return self.inverse_left(matrix.mT).mT
+
+    def inverse_form(self) -> InverseForm:
+        return InverseForm(0.0, self.inverse_diag, self.inverse_scaled_basis, -self.inverse_core)
 
     def _accumulate(self, rows: Tensor, weight: float | Tensor) -> None:
         self._accumulate_sketch(rows, weight)

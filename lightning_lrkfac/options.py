@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .compatibility import STEP_RULES, STEP_SIZES, WORK_DISTRIBUTIONS, check
 from .schedules import Schedule
 
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -116,7 +117,7 @@ class KFACOptions:
         "batch's loss, and `damping` (its start) adapts by Levenberg–Marquardt (Martens & Grosse 2015, §6–7). For "
         "`auto` use torch.optim.SGD(lr=1, momentum=0) and kl_clip null; it costs a backward with its graph and two "
         "Jacobian products per step (no extra forward), and a forward on the same batch each adaptation",
-        one_of("optimizer", "auto"),
+        one_of(*STEP_SIZES),
     )
     damping_adaptation_interval: int = option(
         1,
@@ -131,7 +132,7 @@ class KFACOptions:
         "by running second moments of per-example gradients, K-FAC on the rest); `soap` (Vyas et al. 2024: Adam in "
         "the kept eigenbasis, diagonal Adam on the rest; its step is Adam's, so pair it with SGD without momentum "
         "at an Adam learning rate, and kl_clip null)",
-        one_of("kfac", "ekfac", "soap"),
+        one_of(*STEP_RULES),
         checkpoint=True,
     )
     adam_beta1: float = option(0.9, "for `soap`: Adam's first-moment decay β₁", DECAY)
@@ -205,7 +206,7 @@ class KFACOptions:
     work_distribution: str = option(
         "replicate",
         "under DDP: `replicate` (every rank does every layer) or `layerwise` (one owner per layer, results broadcast)",
-        one_of("replicate", "layerwise"),
+        one_of(*WORK_DISTRIBUTIONS),
     )
     skip_non_finite_steps: bool = option(
         True,
@@ -224,47 +225,20 @@ class KFACOptions:
     def __post_init__(self) -> None:
         for spec in fields(self):
             spec.metadata["check"](spec.name, getattr(self, spec.name))
-        if self.step_rule == "soap" and self.kl_clip is not None:
-            raise ValueError(
-                "LowRankKFAC: `step_rule`='soap' takes Adam's normalised step, which the KL clip does not bound; "
-                f"set `kl_clip` to null (got {self.kl_clip!r}) or use step_rule 'kfac' or 'ekfac'"
-            )
-        if self.step_size == "auto":
-            self._check_automatic_step()
-        if self.step_rule == "soap" and self.work_distribution != "replicate":
-            raise ValueError(
-                "LowRankKFAC: `step_rule`='soap' keeps Adam moments on every rank: `work_distribution` must be "
-                f"'replicate', got {self.work_distribution!r}"
-            )
-
-    def _check_automatic_step(self) -> None:
-        """`auto` chooses the step's length itself: nothing else may rescale it, and λ must be a number to adapt."""
-        if self.kl_clip is not None:
-            raise ValueError(
-                "LowRankKFAC: `step_size`='auto' chooses the step's length from the quadratic model, which the KL clip "
-                f"would undo; set `kl_clip` to null (got {self.kl_clip!r})"
-            )
-        if self.step_rule == "soap":
-            raise ValueError(
-                "LowRankKFAC: `step_size`='auto' needs a natural-gradient direction: `step_rule` must be 'kfac' or "
-                "'ekfac', got 'soap'"
-            )
-        if callable(self.damping):
-            raise ValueError(
-                "LowRankKFAC: with `step_size`='auto' Levenberg–Marquardt adapts λ: `damping` must be a number (its "
-                f"start), got the schedule {self.damping!r}"
-            )
-        if self.damping < self.min_damping:
-            raise ValueError(
-                f"LowRankKFAC: `damping` ({self.damping!r}) must be ≥ `min_damping` ({self.min_damping!r}) with "
-                "`step_size`='auto'"
-            )
+        check("options", self)
 
     @property
     def dense_size(self) -> int:
         """Factors of this size or less are kept dense: ``dense_threshold``, or 2·(rank + oversampling) when null."""
         threshold = 2 * (self.rank + self.oversampling) if self.dense_threshold is None else self.dense_threshold
         return max(self.rank, threshold)
+
+    def factor_dtype_for(self, weight_dtype: torch.dtype) -> torch.dtype:
+        """The curvature state's dtype for a layer: ``factor_dtype`` if set; else float64 for float64 weights and
+        float32 otherwise (also under AMP: factors and inverses never run in half precision)."""
+        if self.factor_dtype is not None:
+            return FACTOR_DTYPES[self.factor_dtype]
+        return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
     def signature(self) -> dict[str, Any]:
         """The options a checkpoint's curvature state depends on: they must match to resume."""

@@ -25,19 +25,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .distributed import Communicator
+from .compatibility import check
+from .distributed import Communicator, is_dtensor
+from .layer_steps import GeneralStep, LearningRates
 from .layers import KFACLayer
 from .layers.base import write_scaled
-from .layers.conv import ConvLayer
-from .layers.embedding import EmbeddingLayer
-from .layers.linear import LinearLayer
-from .lowrank import DiagonalFactor, DiagPlusLowRankFactor, EigenInverse, KroneckerFactor
+from .lowrank import InverseForm
 
 try:  # torch ≥ 2.4 (FSDP2)
     from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import Shard
 except ImportError:  # pragma: no cover - older torch: nothing is ever sharded
-    FSDPModule = DTensor = Shard = None  # type: ignore[assignment,misc]
+    FSDPModule = Shard = None  # type: ignore[assignment,misc]
 
 
 def chunk_rows(length: int, world_size: int, rank: int) -> slice:
@@ -45,15 +44,6 @@ def chunk_rows(length: int, world_size: int, rank: int) -> slice:
     size = -(-length // world_size)
     start = min(rank * size, length)
     return slice(start, min(start + size, length))
-
-
-def _is_dtensor(tensor: object) -> bool:
-    return DTensor is not None and isinstance(tensor, DTensor)
-
-
-def local_tensor(tensor: Tensor) -> Tensor:
-    """This rank's part of a DTensor (a view), or the tensor itself."""
-    return tensor.to_local() if _is_dtensor(tensor) else tensor
 
 
 def _fsdp1_modules(model: nn.Module) -> list[str]:
@@ -115,23 +105,30 @@ class ShardedLayer:
             write_scaled(bias.to_local(), natural[:, columns], scale)
 
 
-def _left_inverse_form(factor: KroneckerFactor) -> tuple[float, Tensor | None, Tensor, Tensor]:
-    """(s, e, W, M) with the prepared (F̃ + δI)⁻¹ X = s·X + e∘X + W M (Wᵀ X); M a matrix or a vector (diagonal)."""
-    if isinstance(factor, DiagPlusLowRankFactor):
-        return 0.0, factor.inverse_diag, factor.inverse_scaled_basis, -factor.inverse_core
-    if isinstance(factor, EigenInverse):
-        return factor.inverse_scale, None, factor.eigenvectors, factor.inverse_coefficients
-    raise TypeError(f"no sharded inverse for a {type(factor).__name__}")  # refused at detection
-
-
-def _finish_left(factor: KroneckerFactor, local: Tensor, rows: slice, reduced: Tensor) -> Tensor:
+def _finish_left(form: InverseForm, local: Tensor, rows: slice, reduced: Tensor) -> Tensor:
     """Rows ``rows`` of (F̃ + δI)⁻¹ X from this rank's rows of X and the summed Wᵀ X."""
-    scale, diag, basis, middle = _left_inverse_form(factor)
+    scale, diag, basis, middle = form.scale, form.diag, form.basis, form.middle
     mixed = middle @ reduced if middle.dim() == 2 else middle[:, None] * reduced
     result = basis[rows] @ mixed
     if diag is not None:
         result = result.addcmul_(diag[rows, None], local)
     return result.add_(local, alpha=scale) if scale else result
+
+
+@dataclass
+class ShardStep:
+    """One rank's row shard of a layer's step: its KL term is a part, summed over the ranks."""
+
+    shard: ShardedLayer
+    grad: Tensor
+    natural: Tensor
+    partial = True
+
+    def kl_term(self, learning_rate: LearningRates) -> Tensor:
+        return GeneralStep(self.shard.layer, [self.grad], [self.natural]).kl_term(learning_rate)
+
+    def write(self, scale: Tensor | None) -> None:
+        self.shard.write(self.natural, scale)
 
 
 class ShardedPreconditioner:
@@ -144,9 +141,9 @@ class ShardedPreconditioner:
     def __contains__(self, index: int) -> bool:
         return index in self.shards
 
-    def precondition(self, indices: Sequence[int]) -> list[tuple[int, Tensor, Tensor]]:
-        """(index, local G, local natural gradient) for the given ready layers: phase one applies A⁻¹ (or, on the
-        input side, everything) and projects onto B's basis, one all-reduce sums the projections, phase two ends."""
+    def steps(self, indices: Sequence[int]) -> list[ShardStep]:
+        """The shard steps of the given ready layers: phase one applies A⁻¹ (or, on the input side, everything)
+        and projects onto B's basis, one all-reduce sums the projections, phase two ends."""
         started, partials = [], []
         for index in indices:
             shard = self.shards[index]
@@ -160,21 +157,16 @@ class ShardedPreconditioner:
                 started.append((index, grad, natural, None))
                 continue
             right_applied = a_factor.inverse_right(grad)
-            _, _, basis, _ = _left_inverse_form(b_factor)
-            partials.append(basis[shard.rows].mT @ right_applied)
+            partials.append(b_factor.inverse_form().basis[shard.rows].mT @ right_applied)
             started.append((index, grad, right_applied, len(partials) - 1))
         self.comm.all_reduce_sum(partials, kind="shards")
         finished = []
         for index, grad, value, partial in started:
             shard = self.shards[index]
-            natural = (
-                value if partial is None else _finish_left(shard.layer.b_factor, value, shard.rows, partials[partial])
-            )
-            finished.append((index, grad, natural))
+            form = shard.layer.b_factor.inverse_form()
+            natural = value if partial is None else _finish_left(form, value, shard.rows, partials[partial])
+            finished.append(ShardStep(shard, grad, natural))
         return finished
-
-    def write(self, index: int, natural: Tensor, scale: Tensor | None) -> None:
-        self.shards[index].write(natural, scale)
 
 
 def detect_sharding(
@@ -191,7 +183,7 @@ def detect_sharding(
             f"LowRankKFAC: FSDP1 (FullyShardedDataParallel) modules {fsdp1}{mixed} are not supported: FSDP1 flattens "
             "parameters; shard with torch.distributed.fsdp.fully_shard (FSDP2) instead"
         )
-    sharded = {index: layer for index, layer in enumerate(layers) if _is_dtensor(layer.weight)}
+    sharded = {index: layer for index, layer in enumerate(layers) if is_dtensor(layer.weight)}
     if not sharded:
         return None
     offloading = _offloading_modules(model)
@@ -200,11 +192,7 @@ def detect_sharding(
             f"LowRankKFAC: FSDP2 CPU offload (offload_policy=CPUOffloadPolicy()) on {offloading} is not supported: "
             "the curvature state and the step live on the parameters' compute device; drop the offload policy"
         )
-    if options.step_rule != "kfac" or options.work_distribution != "replicate":
-        raise ValueError(
-            "LowRankKFAC: under FSDP2 `step_rule` must be 'kfac' and `work_distribution` 'replicate', got "
-            f"{options.step_rule!r} and {options.work_distribution!r}"
-        )
+    check("fsdp2", options)
     shards = {}
     for index, layer in sharded.items():
         weight = layer.weight
@@ -229,15 +217,16 @@ def detect_sharding(
 
 
 def _sharded_layer(layer: KFACLayer, world_size: int, rank: int) -> ShardedLayer:
-    """The row range and side of a supported layer; a clear error for the others."""
-    a_factor, b_factor = layer.factors
-    if isinstance(layer, EmbeddingLayer) and isinstance(a_factor, DiagonalFactor):
+    """The row range and side of a layer whose geometry allows a shard step (any registered type); a clear error
+    for the others."""
+    a_form, b_form = (factor.inverse_form() for factor in layer.factors)
+    if layer.shard_side == "in" and a_form is not None and a_form.basis is None:  # A diagonal over dim 0's rows
         return ShardedLayer(layer, chunk_rows(layer.in_dim, world_size, rank), "in")
-    supported_b = isinstance(b_factor, (DiagPlusLowRankFactor, EigenInverse))
-    plain_kind = type(layer) is LinearLayer or isinstance(layer, ConvLayer)
-    if plain_kind and not layer.blocks and layer.augment == layer.has_bias and supported_b:
+    b_pieces = b_form is not None and b_form.basis is not None and b_form.basis.dim() == 2
+    if layer.shard_side == "out" and not layer.blocks and layer.augment == layer.has_bias and b_pieces:
         return ShardedLayer(layer, chunk_rows(layer.out_dim, world_size, rank), "out")
     raise ValueError(
-        f"LowRankKFAC: layer {layer.name!r} ({layer.describe()}) cannot be preconditioned sharded under FSDP2: supported "
-        "are nn.Linear, ungrouped nn.Conv*d (bias_mode 'augment') and nn.Embedding; `exclude` it or leave it unsharded"
+        f"LowRankKFAC: layer {layer.name!r} ({layer.describe()}) cannot be preconditioned sharded under FSDP2: a shard "
+        "must be rows of the gradient matrix (nn.Linear, ungrouped nn.Conv*d and layer types like them, bias_mode "
+        "'augment') or of a diagonal A (nn.Embedding); `exclude` it or leave it unsharded"
     )

@@ -22,87 +22,31 @@ or the rest's diagonal moments (SOAP). Everything here is O(d·k) state, O(d_in�
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from . import fused
+from .compatibility import STEP_RULES
+from .eigenbasis import Bases, RowPairing
 from .linalg import safe_eigh
-from .lowrank import DiagonalFactor, DiagPlusLowRankFactor, add_scaled, all_finite
+from .lowrank import add_scaled, all_finite
 
 if TYPE_CHECKING:
-    from .fused import FusedKroneckerStep
     from .layers import KFACLayer
-
-STEP_RULES = ("kfac", "ekfac", "soap")
-
-
-@dataclass
-class Bases:
-    """The kept orthonormal bases of one layer: V (…, out, k_B) and U (…, in, k_A), or U = None (standard basis)."""
-
-    left: Tensor
-    left_values: Tensor
-    right: Tensor | None
-    right_values: Tensor
-
-    @property
-    def complete(self) -> bool:
-        """True when the core is everything (exact mode): no rest to treat."""
-        left_square = self.left.shape[-1] == self.left.shape[-2]
-        return left_square and (self.right is None or self.right.shape[-1] == self.right.shape[-2])
-
-    def core(self, matrix: Tensor) -> Tensor:
-        """Vᵀ X U: a matrix in the rotated coordinates."""
-        rotated = self.left.mT @ matrix
-        return rotated if self.right is None else rotated @ self.right
-
-    def expand(self, core: Tensor) -> Tensor:
-        """V C Uᵀ: back to the original coordinates."""
-        rotated = core if self.right is None else core @ self.right.mT
-        return self.left @ rotated
-
-    @property
-    def core_shape(self) -> tuple[int, ...]:
-        """Shape (…, k_B, k_A) of the rotated coordinates; k_A is A's dimension for the standard basis."""
-        return (*self.left.shape[:-2], self.left.shape[-1], self.right_values.shape[-1])
-
-    def add_expanded(self, matrix: Tensor, core: Tensor) -> Tensor:
-        """X + V C Uᵀ, written into X."""
-        return matrix.add_(self.expand(core))
-
-    def transport(self, previous: Bases, moments: Tensor) -> tuple[Tensor, Tensor]:
-        """(second moments carried from ``previous``'s coordinates into these, share of each entry that was covered).
-
-        An entry's variance moves by the squared rotation; the share is 1 where the new
-        direction lay inside the old core, less where part of it came from outside.
-        """
-        left_weights = (self.left.mT @ previous.left).square()
-        carried = left_weights @ moments
-        covered = left_weights.sum(-1, keepdim=True)
-        if self.right is not None:
-            right_weights = (self.right.mT @ previous.right).square()
-            carried = carried @ right_weights.mT
-            covered = covered * right_weights.sum(-1).unsqueeze(-2)
-        return carried, covered.clamp(0.0, 1.0)
-
-    def spread_diagonal(self, diagonal_moments: Tensor) -> Tensor:
-        """Moments kept per original coordinate (a diagonal), seen in the rotated coordinates: (V∘V)ᵀ D (U∘U)."""
-        spread = self.left.square().mT @ diagonal_moments
-        return spread if self.right is None else spread @ self.right.square()
+    from .options import KFACOptions
 
 
 def layer_bases(layer: KFACLayer) -> Bases:
     """U from A (its eigenvectors, or None for a diagonal A) and V from B (Rayleigh–Ritz in the kept subspace)."""
     a_factor, b_factor = layer.factors
-    if isinstance(a_factor, DiagonalFactor):
+    if a_factor.inverse_form().basis is None:  # a diagonal: the standard basis
         right, right_values = None, a_factor.diag.clamp_min(0.0)
     else:
         right, right_values = a_factor.eigenvectors, a_factor.eigenvalues.clamp_min(0.0)
     left, left_values = b_factor.eigenvectors, b_factor.eigenvalues
-    if isinstance(b_factor, DiagPlusLowRankFactor):
+    if b_factor.inverse_form().diag is not None:  # diagonal plus low rank
         # B̃ = D + V M Vᵀ restricted to span V is VᵀDV + M; its eigenvectors turn V into the
         # directions that diagonalise B̃ there (the eigenvectors of B − diag B do not).
         restricted = left.mT @ (b_factor.diag.clamp_min(0.0)[:, None] * left) + torch.diag_embed(left_values)
@@ -111,15 +55,35 @@ def layer_bases(layer: KFACLayer) -> Bases:
     return Bases(left.contiguous(), left_values.clamp_min(0.0), right, right_values)
 
 
-def project_rows(rows: Tensor, basis: Tensor, ones_column: bool) -> Tensor:
-    """rows @ U, or [rows 1] @ U without the ones column when the bias is augmented."""
-    if not ones_column:
-        return rows @ basis
-    return rows @ basis[..., :-1, :] + basis[..., -1:, :]
+def kronecker_step(layer: KFACLayer, grads: list[Tensor]) -> list[Tensor]:
+    """[(B + δ_B)⁻¹ G (A + δ_A)⁻¹] and, for a separate bias block, [(B + δ_B)⁻¹ g_b].
+
+    Contiguous, like the buffers other ranks receive them in: a sum over them then runs
+    in the same order on every rank (the KL clip), so the ranks stay bitwise identical.
+    """
+    a_factor, b_factor = layer.factors
+    naturals = [b_factor.inverse_left(a_factor.inverse_right(grads[0]))]
+    if len(grads) > 1:
+        naturals.append(b_factor.inverse_left(grads[1]))
+    return [natural.contiguous() for natural in naturals]
 
 
-#: Given L (…, k_B, n), returns L @ (A-rows in the rotated basis)∘² (…, k_B, k_A): pairs B-rows with A-rows.
-RowPairing = Callable[[Tensor], Tensor]
+def fusable(layer: KFACLayer) -> bool:
+    """Whether the layer's factors and size suit the in-place step (:mod:`.fused`): A a thin eigenbasis (low rank),
+    B diagonal plus low rank or kept whole, one block, no separate bias block, at least :data:`.fused.MIN_ELEMENTS`
+    gradient entries. Known once the factors are built; checked before any gradient is looked at."""
+    a_form, b_form = (factor.inverse_form() for factor in layer.factors)
+    b_kept_whole = b_form is not None and b_form.diag is None and b_form.basis is not None and not b_form.thin
+    b_woodbury = b_form is not None and b_form.diag is not None and b_form.thin
+    return (
+        not layer.blocks
+        and a_form is not None
+        and a_form.diag is None
+        and a_form.thin
+        and (b_woodbury or (b_kept_whole and b_form.basis.dim() == 2))
+        and not (layer.has_bias and not layer.augment)
+        and layer.out_dim * (layer.in_dim - int(layer.augment)) >= fused.MIN_ELEMENTS
+    )
 
 
 class StepRule:
@@ -133,19 +97,52 @@ class StepRule:
     def __init__(self, layer: KFACLayer) -> None:
         self.layer = layer
         self.bases: Bases | None = None
+        #: Whether the in-place step suits this layer (fixed once the factors are built).
+        self.fusable = fusable(layer)
+
+    @classmethod
+    def from_options(cls, layer: KFACLayer, options: KFACOptions) -> StepRule:
+        """The rule for one layer whose factors are built, with its hyperparameters from ``options``."""
+        return cls(layer)
 
     def rebase(self) -> None:
         """The layer's factors were refreshed (and its inverses prepared): take the new bases."""
 
+    def row_bases(self) -> Bases | None:
+        """The bases to pair the layer's rows in at record time; None when the rule takes no per-example rows."""
+        return self.bases if self.wants_rows else None
+
     def precondition(self, grads: list[Tensor], damping: float, finite: Tensor | None = None) -> list[Tensor]:
         """The step for this layer's gradient blocks. ``finite`` (a bool tensor, under AMP) is False when the
         scaler will skip this step: a rule that keeps moments must then leave them unchanged."""
-        return self.layer.precondition(grads)
+        return kronecker_step(self.layer, grads)
 
-    def fused_step(self, inner_products: str = "none") -> FusedKroneckerStep | None:
-        """This step planned to be written into the gradient in place, where the layer's factors allow it
-        (``inner_products``: see :meth:`.FusedKroneckerStep.plan`); None: use :meth:`precondition`."""
-        return self.layer.fused_step(inner_products)
+    def fused_step(self, inner_products: str = "none") -> fused.FusedKroneckerStep | None:
+        """This step planned to be written into ``.grad`` in place (``inner_products``: see
+        :meth:`.FusedKroneckerStep.plan`); None where the layer is not :attr:`fusable` or its gradient is missing
+        or in another dtype or layout: use :meth:`precondition`."""
+        layer = self.layer
+        weight_grad = layer.weight_grad()
+        if (
+            not self.fusable
+            or weight_grad is None
+            or weight_grad.dtype != layer.dtype
+            or weight_grad.layout != torch.strided
+            or not weight_grad.is_contiguous()
+        ):
+            return None
+        a_form, b_form = (factor.inverse_form() for factor in layer.factors)
+        return fused.FusedKroneckerStep.plan(
+            layer.as_matrix(weight_grad),
+            layer.bias_grad() if layer.augment else None,  # the ones column of A, written in place as well
+            a_form.basis,
+            a_form.scale,
+            a_form.middle,
+            b_form.diag,
+            b_form.basis,
+            b_form.middle,
+            inner_products,
+        )
 
     def accumulate_rows(self, b_rows: Tensor, pairing: RowPairing, weight: float | Tensor) -> None:
         """Per-example statistics of one micro-batch (rules with :attr:`wants_rows`)."""
@@ -183,7 +180,7 @@ class StatefulRule(StepRule):
         if template.right is not None:
             self._bases_tensors["right"] = torch.zeros_like(template.right)
 
-    def fused_step(self, inner_products: str = "none") -> FusedKroneckerStep | None:
+    def fused_step(self, inner_products: str = "none") -> fused.FusedKroneckerStep | None:
         return None  # the step is the rule's own
 
     def _stored_bases(self) -> Bases:
@@ -260,7 +257,7 @@ class EKFACRule(StatefulRule):
             natural = bases.expand(rescaled)
         else:  # K-FAC on P⊥G, projected back onto P⊥, plus the rescaled core
             rest = grads[0] - bases.expand(core)
-            natural = self.layer.precondition([rest])[0]
+            natural = kronecker_step(self.layer, [rest])[0]
             natural = bases.add_expanded(natural, rescaled - bases.core(natural))
         naturals = [natural.contiguous()]
         if len(grads) > 1:  # a separate bias block keeps K-FAC's B⁻¹ g_b
@@ -300,6 +297,10 @@ class EigenAdamRule(StatefulRule):
             shape = torch.Size((*layer.blocks, layer.out_dim, width))
             self.blocks.append(AdamMoments(shape, bases.core_shape, bases.complete, reference))
         self.updates = torch.zeros((), dtype=torch.int64, device=reference.device)
+
+    @classmethod
+    def from_options(cls, layer: KFACLayer, options: KFACOptions) -> EigenAdamRule:
+        return cls(layer, options.adam_beta1, options.adam_beta2, options.adam_eps)
 
     def _block_bases(self, index: int, bases: Bases) -> Bases:
         """The weight block's bases, or for a separate bias (A = 1) V with the one-column standard basis."""
@@ -356,3 +357,13 @@ class EigenAdamRule(StatefulRule):
         for index, block in enumerate(self.blocks):
             named.update(block.tensors(f"block{index}"))
         return named
+
+
+#: The class of each step rule named in :data:`.compatibility.STEP_RULES` (where its traits are declared).
+RULE_TYPES: dict[str, type[StepRule]] = {"kfac": StepRule, "ekfac": EKFACRule, "soap": EigenAdamRule}
+assert RULE_TYPES.keys() == STEP_RULES.keys(), "every step rule has its traits and its class"
+
+
+def make_rule(layer: KFACLayer, options: KFACOptions) -> StepRule:
+    """The step rule ``options.step_rule`` for one layer whose factors are built."""
+    return RULE_TYPES[options.step_rule].from_options(layer, options)

@@ -71,7 +71,7 @@ def save(out: Path, rank: int, model: torch.nn.Module, engine: LowRankKFAC | Non
                 for name, entry in engine.state_dict()["layers"].items()
                 for key, value in entry["rule"].items()
             },
-            owners=engine.owners,
+            owners=engine.assignment.owners,
             world_size=engine.comm.world_size,
             bytes=engine.comm.bytes_by_kind,
             layers=[

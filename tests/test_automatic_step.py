@@ -15,6 +15,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from lightning_lrkfac import LowRankKFAC, LowRankKFACCallback
 from lightning_lrkfac.adaptive import AutomaticStep, GaussNewtonProducts, LevenbergMarquardt
+from lightning_lrkfac.trainer_support import training_loss
 from tests.helpers import DigitsModule, digits_loader, quiet_trainer
 
 AUTO = {"step_size": "auto", "kl_clip": None}
@@ -179,7 +180,7 @@ def test_a_step_that_raises_its_batch_loss_is_rejected():
     assert not step.adapt(float(loss) + 1.0)  # the new point is worse on the same batch
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params), "the optimizer must not move"
     assert all(torch.equal(s, torch.zeros_like(s)) for s in step.previous), "momentum restarts"
-    assert step.lm.damping == pytest.approx(1e-1) and step.rejections == 1
+    assert step.marquardt.damping == pytest.approx(1e-1) and step.rejections == 1
     assert step.ratio < 0
 
 
@@ -211,7 +212,7 @@ def run_engine(steps: int, closure: bool = True, **options):
         records.append({"raw": raw, "update": flat(p.grad for p in model.parameters()), "params_restored": unchanged})
         optimizer.step()
         records[-1]["loss"], records[-1]["ratio"] = float(loss.detach()), kfac.automatic.ratio
-        records[-1]["damping"] = kfac.automatic.lm.damping
+        records[-1]["damping"] = kfac.automatic.marquardt.damping
     return model, kfac, x, y, records
 
 
@@ -259,7 +260,7 @@ def test_engine_state_dict_round_trip_keeps_the_previous_update_and_damping():
     )
     fresh.load_state_dict(state)
     fresh.build()
-    assert fresh.automatic.lm.damping == kfac.automatic.lm.damping != 1e-2
+    assert fresh.automatic.marquardt.damping == kfac.automatic.marquardt.damping != 1e-2
     assert all(torch.equal(a, b) for a, b in zip(fresh.automatic.previous, kfac.automatic.previous))
     assert fresh.automatic.coefficients is not None
     state["automatic"].pop("damping")
@@ -330,7 +331,7 @@ class LossProbe(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         with torch.no_grad():
-            again = self.kfac._training_loss(trainer, pl_module)()
+            again = training_loss(trainer, pl_module, self.kfac._batches)()
         self.pairs.append((float(self.kfac.engine.automatic.loss), float(again)))
 
 

@@ -67,8 +67,8 @@ def test_fused_step_equals_dense_inverses_and_the_literal_kl_clip(bias_rate, iso
             kfac.step(lr=optimizer)
     b_kinds = [type(layer.b_factor) for layer in kfac.layers]
     assert b_kinds == [DiagPlusLowRankFactor, DiagPlusLowRankFactor, DenseFactor]  # the head's 4 outputs: B whole
-    for layer in kfac.layers:  # the fused path applies to these layers
-        assert isinstance(layer.a_factor, LowRankFactor) and layer.fused_step() is not None
+    for layer, rule in zip(kfac.layers, kfac.rules):  # the fused path applies to these layers
+        assert isinstance(layer.a_factor, LowRankFactor) and rule.fused_step() is not None
         if isinstance(layer.b_factor, DiagPlusLowRankFactor):
             assert int(layer.b_factor.repairs) == 0  # so the dense reference is the operator itself
     naturals, budget = {}, 0.0
@@ -99,4 +99,4 @@ def test_small_gradients_take_the_general_path():
     with LowRankKFAC(model, rank=8) as kfac:
         F.cross_entropy(model(x), y).backward()
         kfac.step(lr=0.1)
-        assert [layer.fused_step() is not None for layer in kfac.layers] == [True, False]
+        assert [rule.fused_step() is not None for rule in kfac.rules] == [True, False]

@@ -85,7 +85,7 @@ def test_conv1d_steps_like_the_same_net_of_linear_layers(width):
     options = dict(rank=4, kl_clip=1e-3, refreshes=3, basis_update_interval=1)
     got, kfac = kfac_grads(model, x, y, token_loss, **options)
     expected, _ = kfac_grads(twin, x, y, token_loss, **options)
-    assert kfac.layers[1].fusable == (width == 512)
+    assert kfac.rules[1].fusable == (width == 512)
     for conv_grad, linear_grad in zip(got, expected):
         torch.testing.assert_close(
             conv_grad, linear_grad.T if conv_grad.dim() == 2 else linear_grad, rtol=1e-4, atol=1e-6

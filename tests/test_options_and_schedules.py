@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_callback_signature_is_the_options_declaration():
     """LightningCLI reads the callback's explicit keywords: names, order, defaults and types must be the options'."""
     parameters = list(inspect.signature(LowRankKFACCallback.__init__).parameters.values())[1:]
-    declared = dataclasses.fields(KFACOptions)
+    declared, types = dataclasses.fields(KFACOptions), typing.get_type_hints(KFACOptions)
     assert [p.name for p in parameters] == [f.name for f in declared]
     for parameter, spec in zip(parameters, declared):
         assert parameter.default == spec.default, spec.name
-        assert parameter.annotation == spec.type, spec.name
+        assert parameter.annotation == types[spec.name], spec.name
     assert LowRankKFACCallback().options == KFACOptions()
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
 from lightning_lrkfac import LowRankKFAC, LowRankKFACCallback, compat
-from lightning_lrkfac.callback import check_strategy
+from lightning_lrkfac.trainer_support import check_strategy
 
 from .conftest import mlp
 from .helpers import DigitsModule, digits_loader, quiet_trainer, same

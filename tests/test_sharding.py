@@ -214,3 +214,81 @@ def test_unsupported_options_and_layers_are_refused(one_rank, options, message):
     fully_shard(model, mesh=one_rank)
     with pytest.raises(ValueError, match=message):
         build(model, **options)
+
+
+class Scaled(nn.Module):
+    """y = s · x Wᵀ: a user's own layer type, no nn.Linear inside."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 2.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / in_features**0.5)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.scale * x @ self.weight.T
+
+
+def scaled_layer_type(shard_side: str | None) -> type:
+    """A registered-style KFACLayer for :class:`Scaled` whose weight's dim 0 is the output (or, None, unknown)."""
+    from lightning_lrkfac.layers import KFACLayer
+
+    class ScaledLayer(KFACLayer):
+        module_type = Scaled
+
+        def __init__(self, name: str, module: Scaled, bias_mode: str = "augment") -> None:
+            out_features, in_features = module.weight.shape
+            super().__init__(name, module, in_features, out_features, has_bias=False, augment=False)
+
+        def _input_rows(self, inputs):
+            return self.module.scale * inputs.reshape(-1, inputs.shape[-1])
+
+        def output_grad_rows(self, grads):
+            return grads.reshape(-1, grads.shape[-1])
+
+        def num_samples(self, grads):
+            return grads.numel() // grads.shape[-1]
+
+    ScaledLayer.shard_side = shard_side
+    return ScaledLayer
+
+
+@pytest.mark.parametrize("shard_side", ["out", None])
+def test_a_registered_layer_type_is_sharded_when_its_geometry_allows(one_rank, shard_side):
+    """No concrete class is named by the sharding: a user's layer whose weight rows are the gradient matrix's rows
+    takes the shard step (equal to the unsharded engine's to 1e-10, float64); one that says nothing is refused."""
+    import torch.nn.functional as F
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_lrkfac import LowRankKFAC
+    from lightning_lrkfac.layers import LAYER_TYPES, register_layer_type
+
+    layer_type = register_layer_type(scaled_layer_type(shard_side))
+    try:
+
+        def model() -> nn.Module:
+            torch.manual_seed(0)
+            return nn.Sequential(Scaled(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+        plain, sharded = model(), model()
+        fully_shard(sharded[0], mesh=one_rank)
+        fully_shard(sharded, mesh=one_rank)
+        options = dict(rank=2, dense_threshold=0, kl_clip=1e-3, basis_update_interval=1)
+        if shard_side is None:
+            with pytest.raises(ValueError, match="layer '0' .* cannot be preconditioned sharded"):
+                build(sharded, **options)
+            return
+        x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+        grads = {}
+        for name, net in (("plain", plain), ("sharded", sharded)):
+            with LowRankKFAC(net, **options) as kfac:
+                for _ in range(2):
+                    net.zero_grad()
+                    F.cross_entropy(net(x), y).backward()
+                    kfac.step(lr=0.1)
+                assert (kfac.sharding is not None) == (name == "sharded")
+                grads[name] = [getattr(p.grad, "to_local", lambda g=p.grad: g)() for p in net.parameters()]
+        assert type(kfac.layers[0]) is layer_type and sorted(kfac.sharding.shards) == [0, 1]
+        for got, expected in zip(grads["sharded"], grads["plain"]):
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    finally:
+        LAYER_TYPES.remove(layer_type)

@@ -130,6 +130,8 @@ class AttentionProjectionLayer(LinearLayer):
     The q block owns the forward replacement of the attention module.
     """
 
+    shard_side = None
+
     module_type = InProjection
 
     @classmethod

@@ -9,14 +9,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .. import fused
+from ..eigenbasis import Bases, RowPairing, project_rows
 from ..lowrank import DenseFactor, DiagPlusLowRankFactor, KroneckerFactor, LowRankFactor
 from ..preconditioner import pi_damping
-from ..step_rules import project_rows
 
 if TYPE_CHECKING:
     from ..options import KFACOptions
-    from ..step_rules import Bases, RowPairing, StepRule
+
+#: One micro-batch's B-rows, their weight and how to pair them with the A-rows in the kept basis (for rules that
+#: take per-example statistics, EKFAC).
+PairedRows = tuple[Tensor, RowPairing, "float | Tensor"]
 
 
 def write_scaled(target: Tensor, source: Tensor, scale: Tensor | None) -> None:
@@ -50,6 +52,10 @@ class KFACLayer(ABC):
     reduce: bool = False
     #: Leading block dims of the gradient matrix: () for one block, (groups,) for a grouped conv.
     blocks: tuple[int, ...] = ()
+    #: Which side of the gradient matrix the weight's dim 0 is, for FSDP2's row shards: "out" (B's side: the weight
+    #: is (out, in…) and :meth:`as_matrix` its view), "in" (A's side: the matrix is the weight transposed), or
+    #: None where a shard is no block of the matrix (a slice of a shared weight, a tie).
+    shard_side: str | None = "out"
 
     def __init__(self, name: str, module: nn.Module, in_dim: int, out_dim: int, has_bias: bool, augment: bool) -> None:
         if not self.handles(module):
@@ -158,60 +164,6 @@ class KFACLayer(ABC):
         a_factor.prepare_inverse(damping_a)
         b_factor.prepare_inverse(damping_b)
 
-    def precondition(self, grads: list[Tensor]) -> list[Tensor]:
-        """[(B + δ_B)⁻¹ G (A + δ_A)⁻¹] and, for a separate bias block, [(B + δ_B)⁻¹ g_b].
-
-        Contiguous, like the buffers other ranks receive them in: a sum over them then runs
-        in the same order on every rank (the KL clip), so the ranks stay bitwise identical.
-        """
-        a_factor, b_factor = self.factors
-        naturals = [b_factor.inverse_left(a_factor.inverse_right(grads[0]))]
-        if len(grads) > 1:
-            naturals.append(b_factor.inverse_left(grads[1]))
-        return [natural.contiguous() for natural in naturals]
-
-    @property
-    def fusable(self) -> bool:
-        """Whether this layer's factors and size suit the in-place step (:mod:`..fused`): a low-rank A, a
-        diagonal-plus-low-rank or whole B, one block, no separate bias block, at least :data:`.fused.MIN_ELEMENTS`
-        gradient entries. Known once the factors are built; checked before any gradient is looked at."""
-        a_factor, b_factor = self.factors
-        return (
-            not self.blocks
-            and isinstance(a_factor, LowRankFactor)
-            and isinstance(b_factor, (DiagPlusLowRankFactor, DenseFactor))
-            and not (self.has_bias and not self.augment)
-            and self.out_dim * (self.in_dim - int(self.augment)) >= fused.MIN_ELEMENTS
-        )
-
-    def fused_step(self, inner_products: str = "none") -> fused.FusedKroneckerStep | None:
-        """The natural gradient planned to be written into ``.grad`` in place (:mod:`..fused`); None where the
-        layer is not :attr:`fusable` or its gradient is missing or in another dtype or layout."""
-        weight_grad = self.weight_grad()
-        if (
-            not self.fusable
-            or weight_grad is None
-            or weight_grad.dtype != self.dtype
-            or weight_grad.layout != torch.strided
-            or not weight_grad.is_contiguous()
-        ):
-            return None
-        matrix = self.as_matrix(weight_grad)
-        a_factor, b_factor = self.factors
-        if isinstance(b_factor, DenseFactor):  # (Q diag(c) Qᵀ): no diagonal part, core −c
-            b_inverse = (None, b_factor.eigenvectors, -b_factor.inverse_coefficients)
-        else:
-            b_inverse = (b_factor.inverse_diag, b_factor.inverse_scaled_basis, b_factor.inverse_core)
-        return fused.FusedKroneckerStep.plan(
-            matrix,
-            self.bias_grad() if self.augment else None,  # the ones column of A, written in place as well
-            a_factor.eigenvectors,
-            a_factor.inverse_scale,
-            a_factor.inverse_coefficients,
-            *b_inverse,
-            inner_products,
-        )
-
     def work_cost(self) -> float:
         """Rough flops of one refresh plus one preconditioning of this layer (to balance ranks)."""
         (a_refresh, a_width), (b_refresh, b_width) = (factor.work() for factor in self.factors)
@@ -226,27 +178,27 @@ class KFACLayer(ABC):
         self,
         pop: Callable[[nn.Module], tuple[list[Tensor], list[Tensor]]],
         per_example_grad: Callable[[float], float | Tensor],
-        row_rule: StepRule | None = None,
-    ) -> None:
+        bases: Bases | None = None,
+    ) -> PairedRows | None:
         """Take what the capture recorded for this layer's modules (``pop``) and :meth:`accumulate` it."""
         inputs, grads = pop(self.module)
         if inputs and grads:
-            self.accumulate(inputs, grads, per_example_grad, row_rule)
+            return self.accumulate(inputs, grads, per_example_grad, bases)
+        return None
 
     def accumulate(
         self,
         inputs: list[Tensor],
         grads: list[Tensor],
         per_example_grad: Callable[[float], float | Tensor],
-        row_rule: StepRule | None = None,
-    ) -> None:
+        bases: Bases | None = None,
+    ) -> PairedRows | None:
         """Add one backward's statistics (every call of the module) to the pending sums of A and B.
 
         ``per_example_grad(examples)`` is the multiplier that turns a recorded output gradient
-        of a loss averaged over ``examples`` into one example's own gradient. ``row_rule``
-        (EKFAC) also gets the paired rows of A and B, with B's weight.
+        of a loss averaged over ``examples`` into one example's own gradient. With ``bases`` (a
+        rule's kept bases, EKFAC) it returns the B-rows, their weight and their pairing with the A-rows.
         """
-        bases = None if row_rule is None else row_rule.bases
         pairing = self._accumulate_inputs(inputs, bases)
         samples = sum(self.num_samples(g) for g in grads)
         multiplier = per_example_grad(samples / len(grads))
@@ -254,13 +206,12 @@ class KFACLayer(ABC):
         weight = 1.0 / samples if on_device else multiplier * multiplier / samples  # (m·R)ᵀ(m·R) = m²·RᵀR
         if pairing is None and not on_device:
             self._accumulate_output_grads(grads, weight)
-            return
+            return None
         b_rows = concat([self.output_grad_rows(g) for g in grads]).to(self.b_factor.dtype)
         if on_device:
             b_rows = b_rows * multiplier
         self.b_factor.accumulate(b_rows, weight)
-        if pairing is not None:
-            row_rule.accumulate_rows(b_rows, pairing, weight)
+        return None if pairing is None else (b_rows, pairing, weight)
 
     def _accumulate_output_grads(self, grads: list[Tensor], weight: float) -> None:
         """Add weight · rowsᵀrows of the output gradients (every call of the module: one estimate) to B."""

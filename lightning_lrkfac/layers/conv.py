@@ -22,8 +22,8 @@ CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
 UNFOLD_ELEMENTS = 1 << 20
 
 if TYPE_CHECKING:
+    from ..eigenbasis import Bases, RowPairing
     from ..options import KFACOptions
-    from ..step_rules import Bases, RowPairing
 
 
 def explicitly_padded(module: nn.Module, inputs: Tensor, always: bool = False) -> tuple[Tensor, int | tuple[int, ...]]:

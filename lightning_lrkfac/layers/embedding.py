@@ -11,8 +11,8 @@ from ..lowrank import DiagonalFactor, KroneckerFactor
 from .base import KFACLayer
 
 if TYPE_CHECKING:
+    from ..eigenbasis import Bases, RowPairing
     from ..options import KFACOptions
-    from ..step_rules import Bases, RowPairing
 
 
 def token_counts(tokens: Tensor, vocabulary: int, padding_idx: int | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -31,6 +31,8 @@ class EmbeddingLayer(KFACLayer):
     The natural gradient of the (num_embeddings × dim) weight is A⁻¹ G B⁻¹: each token's row is
     scaled by its inverse frequency and turned by B⁻¹. ``padding_idx`` positions count as zero inputs.
     """
+
+    shard_side = "in"
 
     module_type = nn.Embedding
 

@@ -22,21 +22,22 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .base import concat
+from ..compatibility import conflict
+from .base import PairedRows, concat
 from .embedding import EmbeddingLayer, token_counts
 from .linear import LinearLayer
 
 if TYPE_CHECKING:
+    from ..eigenbasis import Bases
     from ..options import KFACOptions
-    from ..step_rules import StepRule
 
 
 def tie_reason(embedding: nn.Module, head: nn.Module, options: KFACOptions) -> str | None:
     """Why a tie of ``embedding`` and ``head`` keeps the plain gradient; None when it is handled."""
     if not options.precondition_tied_embeddings:
         return "precondition_tied_embeddings=False"
-    if options.step_rule == "ekfac":
-        return "tied weights under step_rule='ekfac' (per-example pairs of two uses): not handled"
+    if (reason := conflict("tied", options)) is not None:
+        return reason
     if not isinstance(embedding, nn.Embedding) or type(head) is not nn.Linear:
         return f"tie between {type(embedding).__name__} and {type(head).__name__}: only an nn.Embedding with an nn.Linear head is handled"
     if (reason := EmbeddingLayer.unsupported(embedding, options)) is not None:  # the embedding's own conditions
@@ -52,6 +53,8 @@ def tie_reason(embedding: nn.Module, head: nn.Module, options: KFACOptions) -> s
 
 class TiedEmbeddingLayer(LinearLayer):
     """The head's Linear block (out = vocabulary, in = width), with the embedding's use folded in (see the module)."""
+
+    shard_side = None
 
     def __init__(self, name: str, head: nn.Linear, embeddings: dict[str, nn.Embedding], options: KFACOptions):
         super().__init__(name, head, bias_mode=options.bias_mode, weight_sharing=options.weight_sharing)
@@ -69,9 +72,10 @@ class TiedEmbeddingLayer(LinearLayer):
         self,
         pop: Callable[[nn.Module], tuple[list[Tensor], list[Tensor]]],
         per_example_grad: Callable[[float], float | Tensor],
-        row_rule: StepRule | None = None,
-    ) -> None:
-        """Both uses' statistics, balanced and summed into one micro-batch estimate of each factor."""
+        bases: Bases | None = None,
+    ) -> PairedRows | None:
+        """Both uses' statistics, balanced and summed into one micro-batch estimate of each factor (no pairs: a rule
+        that wants them is refused for ties, :mod:`..compatibility`)."""
         a_factor, b_factor = self.factors
         dtype = b_factor.dtype
         uses = []  # (A rows, A weight, B rows or token counts, B weight, whether B is the diagonal counts)
@@ -102,7 +106,7 @@ class TiedEmbeddingLayer(LinearLayer):
                 width_rows = torch.cat([width_rows, width_rows.new_zeros(*width_rows.shape[:-1], 1)], dim=-1)
             uses.append((width_rows, 1.0 / width_rows.shape[-2], counts, 1.0 / tokens.numel(), True))
         if not uses:
-            return
+            return None
         tiny = torch.finfo(dtype).tiny
         traces = [
             (rows.square().sum() * a_weight, (b.sum() if diagonal else b.square().sum()) * b_weight)
@@ -118,3 +122,4 @@ class TiedEmbeddingLayer(LinearLayer):
                 b_factor.accumulate_diagonal(b, trace_match * scale * b_weight, new_estimate=index == 0)
             else:
                 b_factor.accumulate(b, trace_match * scale * b_weight, new_estimate=index == 0)
+        return None

@@ -23,6 +23,8 @@ class TransposedLinearLayer(LinearLayer):
     Inputs and output gradients become rows exactly as for ``nn.Linear`` (expand or reduce over positions).
     """
 
+    shard_side = None
+
     module_type = nn.Module  # matched by name: see :meth:`handles`
 
     @classmethod
