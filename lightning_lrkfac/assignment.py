@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from .distributed import Communicator, balanced_owners
 from .layer_steps import GeneralStep
+from .preconditioner import DampingSplit, pi_damping
 
 if TYPE_CHECKING:
     from .layers import KFACLayer
@@ -37,15 +38,17 @@ class WorkAssignment:
         """Whether this rank does layer ``index``'s refresh and preconditioning."""
         return self.owners[index] == self.comm.rank
 
-    def refresh(self, layers: Sequence[KFACLayer], rules: Sequence[StepRule], damping: float) -> None:
-        """Refresh the owned layers' factors, prepare their damped inverses and rebase their rules."""
+    def refresh(
+        self, layers: Sequence[KFACLayer], rules: Sequence[StepRule], damping: float, split: DampingSplit = pi_damping
+    ) -> None:
+        """Refresh the owned layers' factors, prepare their damped inverses (λ split by ``split``), rebase their rules."""
         for index, (layer, rule) in enumerate(zip(layers, rules)):
             if self.owns(index):
                 for factor in layer.factors:
                     if factor.initialized:
                         factor.refresh()
                 if layer.ready:
-                    layer.prepare_inverses(damping)
+                    layer.prepare_inverses(damping, split)
                     rule.rebase()
 
     def share_directions(self, steps: Sequence[tuple[int, GeneralStep]]) -> None:
@@ -60,8 +63,10 @@ class LayerwiseAssignment(WorkAssignment):
         self.owners = balanced_owners([layer.work_cost() for layer in layers], comm.world_size)
         self.fuses = not comm.active
 
-    def refresh(self, layers: Sequence[KFACLayer], rules: Sequence[StepRule], damping: float) -> None:
-        super().refresh(layers, rules, damping)
+    def refresh(
+        self, layers: Sequence[KFACLayer], rules: Sequence[StepRule], damping: float, split: DampingSplit = pi_damping
+    ) -> None:
+        super().refresh(layers, rules, damping, split)
         if not self.comm.active:
             return
         groups = [[t for f in layer.factors if f.initialized for t in f.basis_tensors()] for layer in layers]
@@ -71,7 +76,7 @@ class LayerwiseAssignment(WorkAssignment):
                 for factor in layer.factors:
                     factor.refreshed = factor.refreshed or factor.initialized
                 if layer.ready:  # k×k work: keeps every rank's state (and checkpoint) consistent
-                    layer.prepare_inverses(damping)
+                    layer.prepare_inverses(damping, split)
                     rule.rebase()
 
     def share_directions(self, steps: Sequence[tuple[int, GeneralStep]]) -> None:

@@ -17,6 +17,7 @@ from .lowrank import check_tensors
 if TYPE_CHECKING:
     from .adaptive import AutomaticStep
     from .layers import KFACLayer
+    from .normalized import NormalizedStep
     from .options import KFACOptions
     from .step_rules import StepRule
 
@@ -34,6 +35,7 @@ class Checkpointed(Protocol):
     layers: list[KFACLayer]
     rules: list[StepRule]
     automatic: AutomaticStep | None
+    normalized: NormalizedStep | None
     steps: int
     skipped_steps: int
     skipped_updates: Tensor
@@ -64,10 +66,13 @@ def save(engine: Checkpointed) -> dict[str, Any]:
         "skipped_updates": engine.skipped_updates.detach().clone(),
         "skipped_steps": engine.skipped_steps,
         "automatic": None if engine.automatic is None else engine.automatic.state_tensors(),
+        "normalized": None if engine.normalized is None else engine.normalized.state_tensors(),
     }
 
 
-def check_fits(state: dict[str, Any], options: KFACOptions, layers: Sequence[KFACLayer], automatic: Any) -> None:
+def check_fits(
+    state: dict[str, Any], options: KFACOptions, layers: Sequence[KFACLayer], automatic: Any, normalized: Any = None
+) -> None:
     """Raise unless ``state`` has this version, these checkpointed options and these layers (checkable unbuilt)."""
     missing = [key for key in STATE_KEYS if key not in state]
     if missing or state["version"] != STATE_VERSION:
@@ -88,6 +93,12 @@ def check_fits(state: dict[str, Any], options: KFACOptions, layers: Sequence[KFA
         )
     if automatic is not None:  # its tensors exist from construction
         check_tensors(automatic.state_tensors(), state.get("automatic"), "automatic")
+    saved = state.get("normalized")
+    if normalized is not None and not (isinstance(saved, dict) and all(isinstance(t, Tensor) for t in saved.values())):
+        raise ValueError(
+            "LowRankKFAC: checkpoint entry `normalized` must hold the momenta of step_size='normalized' (a dict of "
+            f"tensors), got {type(saved).__name__}"
+        )
 
 
 def restore(engine: Checkpointed, state: dict[str, Any]) -> None:
@@ -113,3 +124,5 @@ def restore(engine: Checkpointed, state: dict[str, Any]) -> None:
     engine.skipped_updates.copy_(state["skipped_updates"])
     if engine.automatic is not None:
         engine.automatic.load_state_tensors(state["automatic"])
+    if engine.normalized is not None:
+        engine.normalized.load_state_tensors(state["normalized"])

@@ -33,8 +33,10 @@ STEP_RULES: dict[str, StepRuleTraits] = {
     "ekfac": StepRuleTraits(paired_rows=True),
     "soap": StepRuleTraits(finished_step=True, replicated_state=True),
 }
-STEP_SIZES = ("optimizer", "auto")
+STEP_SIZES = ("optimizer", "auto", "normalized")
 WORK_DISTRIBUTIONS = ("replicate", "layerwise")
+DAMPING_MODES = ("pi", "relative")
+UPDATE_NORMS = ("muon", "rms")
 
 
 def _traits(options: Any) -> StepRuleTraits:
@@ -43,6 +45,10 @@ def _traits(options: Any) -> StepRuleTraits:
 
 def _automatic(options: Any) -> bool:
     return options.step_size == "auto"
+
+
+def _normalized(options: Any) -> bool:
+    return options.step_size == "normalized"
 
 
 def _rules_that(keep: Callable[[StepRuleTraits], bool]) -> str:
@@ -64,6 +70,20 @@ def _adds_moments(optimizer: Any) -> int | None:
 
 
 _PLAIN_SGD = {"lr": 1.0, "momentum": 0, "weight_decay": 0, "nesterov": False, "maximize": False}
+
+
+def _not_finishing_sgd(optimizer: Any) -> tuple[int, dict[str, Any]] | None:
+    """(group index, what differs) unless the optimizer takes ``.grad`` as the finished step: torch.optim.SGD with
+    momentum 0 (any lr and weight decay), or :class:`~lightning_lrkfac.optim.KFACWithAdamW`."""
+    import torch
+
+    if getattr(optimizer, "takes_finished_steps", False):
+        return None
+    for index, group in enumerate(optimizer.param_groups):
+        wrong = {key: group.get(key) for key in ("momentum", "nesterov", "maximize") if group.get(key)}
+        if not isinstance(optimizer, torch.optim.SGD) or wrong:
+            return index, wrong or _settings(group)
+    return None
 
 
 def _not_plain_sgd(optimizer: Any) -> tuple[int, dict[str, Any]] | None:
@@ -113,6 +133,22 @@ CONFLICTS: tuple[Conflict, ...] = (
     ),
     Conflict(
         "options",
+        lambda o, _: _normalized(o) and o.kl_clip is not None,
+        lambda o, _: (
+            "`step_size`='normalized' sets each layer's update norm, which the KL clip would rescale; set `kl_clip` "
+            f"to null (got {o.kl_clip!r})"
+        ),
+    ),
+    Conflict(
+        "options",
+        lambda o, _: _normalized(o) and _traits(o).finished_step,
+        lambda o, _: (
+            "`step_size`='normalized' preconditions a momentum of the gradient: `step_rule` must be "
+            f"{_rules_that(lambda traits: not traits.finished_step)}, got {o.step_rule!r}"
+        ),
+    ),
+    Conflict(
+        "options",
         lambda o, _: _automatic(o) and callable(o.damping),
         lambda o, _: (
             "with `step_size`='auto' Levenberg–Marquardt adapts λ: `damping` must be a number (its "
@@ -148,6 +184,15 @@ CONFLICTS: tuple[Conflict, ...] = (
             "`step_size`='auto' chooses the step size and momentum itself; use "
             "torch.optim.SGD(params, lr=1.0, momentum=0, weight_decay=0), got "
             f"{type(optimizer).__name__} with param group {' '.join(map(str, _not_plain_sgd(optimizer)))}"
+        ),
+    ),
+    Conflict(
+        "optimizer",
+        lambda o, optimizer: _normalized(o) and _not_finishing_sgd(optimizer) is not None,
+        lambda o, optimizer: (
+            "`step_size`='normalized' hands the optimizer a finished step (momentum and length are the engine's); use "
+            "torch.optim.SGD(params, lr, momentum=0) or lightning_lrkfac.optim.KFACWithAdamW, got "
+            f"{type(optimizer).__name__} with param group {' '.join(map(str, _not_finishing_sgd(optimizer)))}"
         ),
     ),
     Conflict(

@@ -25,7 +25,9 @@ from .distributed import Communicator
 from .fisher import sampled_negative_log_likelihood
 from .layer_steps import learning_rates
 from .layers import select_layers
+from .normalized import NormalizedStep
 from .options import KFACOptions, args_docstring
+from .preconditioner import DAMPING_SPLITS
 from .reporting import StepSummary, coverage_rows, curvature_metrics, format_coverage
 from .schedules import as_schedule
 from .sharding import ShardedPreconditioner, detect_sharding
@@ -61,6 +63,7 @@ class LowRankKFAC:
         if not self.layers:
             raise ValueError(f"LowRankKFAC found nothing to precondition in {type(model).__name__}: it handles nn.Linear, nn.Conv1d/2d/3d, nn.Embedding (precondition_embeddings) and nn.MultiheadAttention (precondition_attention) with trainable weights; `include`={options.include!r}, `exclude`={options.exclude!r}, skipped: {self.skipped_modules}")  # fmt: skip
         self.damping, self.factor_decay = as_schedule(options.damping), as_schedule(options.factor_decay)
+        self.damping_split = DAMPING_SPLITS[options.damping_mode]
         self.kl_clip = None if options.kl_clip is None else as_schedule(options.kl_clip)
         self.steps = self.skipped_steps = 0  # skipped: steps whose gradients were not finite (nothing changed)
         self.generator = torch.Generator().manual_seed(options.seed)
@@ -87,6 +90,9 @@ class LowRankKFAC:
         self.capture.enabled = self.factor_update_due(0)
         #: ``step_size="auto"``: the Gauss–Newton products, the previous update and the adapted λ.
         self.automatic = AutomaticStep.for_model(model, options)
+        #: ``step_size="normalized"``: the momenta and each layer's update norm.
+        normalized = options.step_size == "normalized"
+        self.normalized = NormalizedStep(self.layers, options.momentum, options.update_norm) if normalized else None
         self.capture.always_predict = self.automatic is not None
 
     # -- lifetime -----------------------------------------------------------------------
@@ -105,6 +111,9 @@ class LowRankKFAC:
         self.sharding = detect_sharding(self.model, self.layers, self.comm, options)
         if self.automatic is not None and self.comm.active:  # DDP: G's products and the losses of each rank's part
             self.automatic.average = partial(self.comm.all_reduce_mean, kind="automatic step")
+        if self.normalized is not None and self.sharding is not None:  # a shard's norm is summed over the ranks
+            self.normalized.partial = [index in self.sharding for index in range(len(self.layers))]
+            self.normalized.sum_over_ranks = partial(self.comm.all_reduce_sum, kind="norms")
         self.assignment = WorkAssignment.create(options.work_distribution, self.comm, self.layers)
         self._coverage = coverage_rows(self.model, self.layers, self.skipped_modules)
         device = self.layers[0].weight.device
@@ -116,8 +125,11 @@ class LowRankKFAC:
             self._restore(state)
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Raise if the optimizer cannot take this engine's step (``soap`` and ``auto`` hand it a finished step)."""
+        """Raise if the optimizer cannot take this engine's step (``soap``, ``auto`` and ``normalized`` hand it a
+        finished step); tell one that takes finished steps (:class:`.optim.KFACWithAdamW`) which parameters get them."""
         check("optimizer", self.options, optimizer)
+        if hasattr(optimizer, "take_finished_steps"):
+            optimizer.take_finished_steps([p for layer in self.layers for p in layer.module.parameters(recurse=False)])
 
     def close(self) -> None:
         """Remove the capture hooks (and any swapped-in forward) and drop anything captured; the curvature state stays."""
@@ -226,8 +238,11 @@ class LowRankKFAC:
             self.prepare_inverses(damping)
         applied = step >= options.warmup_steps and any(layer.ready for layer in self.layers)
         apply = partial(precondition_layers, self.layers, self.rules, self.assignment, self.sharding, damping)
-        if self.automatic is not None:  # P = K-FAC's direction (no clip), then αP + μs
-            self.automatic.step(partial(apply, None, None, grads_finite) if applied else None, grads_finite, loss_closure, step)  # fmt: skip
+        direction = partial(apply, None, None, grads_finite) if applied else None  # the rule's, no clip
+        if self.automatic is not None:  # then αP + μs
+            self.automatic.step(direction, grads_finite, loss_closure, step)
+        elif self.normalized is not None:  # of the momentum, then each layer's norm set
+            self.normalized.step(direction, grads_finite)
         elif applied:
             apply(None if kl_clip is None else learning_rates(lr), kl_clip, grads_finite)
         self._end_step(started, StepSummary(applied, 0.0, damping))
@@ -242,14 +257,14 @@ class LowRankKFAC:
 
     def refresh_bases(self, damping: float) -> None:
         """Refresh the bases and prepare the damped inverses, on the ranks that own each layer."""
-        self.assignment.refresh(self.layers, self.rules, damping)
+        self.assignment.refresh(self.layers, self.rules, damping, self.damping_split)
         self.prepared_damping = damping
 
     def prepare_inverses(self, damping: float) -> None:
         """Re-prepare every ready layer's damped inverses at a new damping (k×k work; every rank)."""
         for layer in self.layers:
             if layer.ready:
-                layer.prepare_inverses(damping)
+                layer.prepare_inverses(damping, self.damping_split)
         self.prepared_damping = damping
 
     def _end_step(self, started: float, summary: StepSummary) -> None:
@@ -286,7 +301,7 @@ class LowRankKFAC:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Check the state against the options and layers now (``ValueError`` naming the entry), then load it now
         or when the factors are built."""
-        checkpoint.check_fits(state, self.options, self.layers, self.automatic)
+        checkpoint.check_fits(state, self.options, self.layers, self.automatic, self.normalized)
         if self.rules:
             self._restore(state)
         else:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .compatibility import STEP_RULES, STEP_SIZES, WORK_DISTRIBUTIONS, check
+from .compatibility import DAMPING_MODES, STEP_RULES, STEP_SIZES, UPDATE_NORMS, WORK_DISTRIBUTIONS, check
 from .schedules import Schedule
 
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -94,9 +94,16 @@ class KFACOptions:
     )
     damping: float | Schedule = option(
         1e-2,
-        "Tikhonov λ, split by π-damping: δ_A = π√λ, δ_B = √λ/π. 1e-2: the best of {1e-3, 1e-2, 1e-1} on three of "
+        "Tikhonov λ, split between the factors by `damping_mode`. 1e-2: the best of {1e-3, 1e-2, 1e-1} on three of "
         "the four step-rule tasks, and on BERT, where 1e-3 diverges (benchmarks/step_rules.py, tests/test_hf_models.py)",
         scheduled(POSITIVE),
+    )
+    damping_mode: str = option(
+        "pi",
+        "`pi`: π-damping of an absolute λ, δ_A = π√λ, δ_B = √λ/π (Martens & Grosse 2015, §6.3); `relative`: each "
+        "factor damped relative to its own scale, δ = √λ × its mean eigenvalue (tr/d), so the damping does not "
+        "depend on how the loss is reduced or how large the gradients are",
+        one_of(*DAMPING_MODES),
     )
     factor_decay: float | Schedule = option(0.95, "EMA decay ρ of the factors", scheduled(DECAY))
     factor_update_interval: int = option(1, "fold a batch into the factors every this many steps", POSITIVE_INT)
@@ -116,8 +123,21 @@ class KFACOptions:
         "(P the direction, s the previous step) with α, μ minimising the exact Gauss–Newton quadratic model of the "
         "batch's loss, and `damping` (its start) adapts by Levenberg–Marquardt (Martens & Grosse 2015, §6–7). For "
         "`auto` use torch.optim.SGD(lr=1, momentum=0) and kl_clip null; it costs a backward with its graph and two "
-        "Jacobian products per step (no extra forward), and a forward on the same batch each adaptation",
+        "Jacobian products per step (no extra forward), and a forward on the same batch each adaptation; "
+        "`normalized`: the direction is the step rule's on a Nesterov momentum (`momentum`) of each handled layer's "
+        "gradient, and each layer's update [W b] has a set norm (`update_norm`), as Muon's has; use "
+        "torch.optim.SGD(lr, momentum=0) (its weight_decay is then decoupled) or lightning_lrkfac.optim.KFACWithAdamW "
+        "(AdamW on the parameters the engine does not handle), and kl_clip null",
         one_of(*STEP_SIZES),
+    )
+    momentum: float = option(
+        0.95, "for `normalized`: β of the Nesterov momentum of the handled gradients (Muon's default)", DECAY
+    )
+    update_norm: str = option(
+        "muon",
+        "for `normalized`: each layer's ‖[W b] update‖_F; `muon`: √min(m,n)·√max(1, m/n) for an m×n gradient matrix "
+        "(torch's Muon: its learning rate transfers); `rms`: 0.2·√(m·n), AdamW's typical RMS 0.2 (Moonlight)",
+        one_of(*UPDATE_NORMS),
     )
     damping_adaptation_interval: int = option(
         1,

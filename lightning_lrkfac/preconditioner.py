@@ -5,12 +5,16 @@ Nothing here forms a d×d matrix unless it is handed a dense eigenbasis (exact m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .linalg import safe_eigh
+
+#: (λ, tr A, d_A, tr B, d_B) → (δ_A, δ_B).
+DampingSplit = Callable[[float, Tensor, int, Tensor, int], tuple[Tensor, Tensor]]
 
 #: Lower bound on a damping value, as in asdl: keeps 1/(λ+δ) finite for an all-zero factor.
 MIN_DAMPING = 1e-7
@@ -27,6 +31,20 @@ def pi_damping(damping: float, trace_a: Tensor, dim_a: int, trace_b: Tensor, dim
     pi = torch.where(usable, ratio, torch.ones_like(ratio)).sqrt()
     root = damping**0.5
     return (root * pi).clamp_min(MIN_DAMPING), (root / pi).clamp_min(MIN_DAMPING)
+
+
+def relative_damping(damping: float, trace_a: Tensor, dim_a: int, trace_b: Tensor, dim_b: int) -> tuple[Tensor, Tensor]:
+    """Damping relative to each factor: δ_A = √λ · tr A / d_A, δ_B = √λ · tr B / d_B (each factor's mean eigenvalue).
+
+    Invariant to the loss's reduction and the gradients' scale (a factor scaled by c gets δ scaled by c), unlike
+    π-damping of an absolute λ, whose δ relative to A is √λ / √(mean eig A · mean eig B). Branch-free.
+    """
+    root = damping**0.5
+    return (root * trace_a / dim_a).clamp_min(MIN_DAMPING), (root * trace_b / dim_b).clamp_min(MIN_DAMPING)
+
+
+#: How λ is split between a layer's two factors, by ``damping_mode``.
+DAMPING_SPLITS = {"pi": pi_damping, "relative": relative_damping}
 
 
 def eigen_inverse_coefficients(

@@ -28,10 +28,12 @@ LR = 0.1
 
 def kfac_options(args: argparse.Namespace) -> dict:
     """dense_threshold 0: below rank 65 every factor (the head's B of 10 too) is low-rank, sketches communicated."""
-    automatic = {"step_size": "auto", "kl_clip": None} if args.step_size == "auto" else {}
+    step_size = {"step_size": args.step_size, "kl_clip": None} if args.step_size != "optimizer" else {}
+    if args.step_size == "normalized":
+        step_size["damping_mode"] = "relative"
     return dict(
         rank=args.rank, oversampling=4, basis_update_interval=2, work_distribution=args.work, log_stats=False,
-        step_rule=args.step_rule, dense_threshold=0, **automatic,
+        step_rule=args.step_rule, dense_threshold=0, **step_size,
     )  # fmt: skip
 
 
@@ -50,9 +52,19 @@ class AutomaticStepDigits(DigitsModule):
         return torch.optim.SGD(self.parameters(), lr=1.0)
 
 
+class NormalizedStepDigits(DigitsModule):
+    """step_size='normalized': the engine's finished steps on the linear layers, AdamW on the LayerNorm."""
+
+    def configure_optimizers(self):
+        from lightning_lrkfac.optim import KFACWithAdamW
+
+        return KFACWithAdamW(self.parameters(), lr=0.02, adamw_lr=3e-3, weight_decay=1e-2)
+
+
 def new_model(step_size: str = "optimizer") -> DigitsModule:
     torch.manual_seed(0)
-    return (AutomaticStepDigits if step_size == "auto" else DigitsModule)(lr=LR, width=32)
+    module = {"auto": AutomaticStepDigits, "normalized": NormalizedStepDigits}.get(step_size, DigitsModule)
+    return module(lr=LR, width=32)
 
 
 def save(out: Path, rank: int, model: torch.nn.Module, engine: LowRankKFAC | None, **extra) -> None:
@@ -119,6 +131,7 @@ def engine_worker(rank: int, args: argparse.Namespace) -> None:
     options = kfac_options(args)
     options.pop("log_stats")
     kfac = LowRankKFAC(model, **options)
+    kfac.check_optimizer(optimizer)  # KFACWithAdamW learns which parameters take the finished steps
     resumed_equal = None
     if args.resume is not None:  # saved under another world size or work distribution
         saved = torch.load(args.resume)
@@ -161,7 +174,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8, help="K-FAC rank (≥ 65: exact mode)")
     parser.add_argument("--work", default="replicate")
     parser.add_argument("--step-rule", default="kfac", choices=("kfac", "ekfac"))
-    parser.add_argument("--step-size", default="optimizer", choices=("optimizer", "auto"))
+    parser.add_argument("--step-size", default="optimizer", choices=("optimizer", "auto", "normalized"))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--plain", action="store_true", help="no callback (plain SGD), to check the harness")
     parser.add_argument("--out", type=Path, required=True)

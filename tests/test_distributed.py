@@ -68,12 +68,18 @@ def runs(ddp_root) -> dict[str, dict[int, dict]]:
         "engine_auto_single": run(root / "engine_auto_single", *AUTO, "--driver", "engine", "--devices", "1"),
         "engine_auto_ddp": run(root / "engine_auto_ddp", *AUTO, "--driver", "engine"),
         "ddp_auto": run(root / "ddp_auto", *AUTO),
+        "engine_normalized_single": run(
+            root / "engine_normalized_single", *NORMALIZED, "--driver", "engine", "--devices", "1"
+        ),
+        "engine_normalized_ddp": run(root / "engine_normalized_ddp", *NORMALIZED, "--driver", "engine"),
+        "ddp_normalized": run(root / "ddp_normalized", *NORMALIZED),
     }
 
 
 ENGINE_SAVE = ("--driver", "engine", "--save-at", str(STEPS // 2))
 EKFAC = ("--driver", "engine", "--step-rule", "ekfac")
 AUTO = ("--step-size", "auto")
+NORMALIZED = ("--step-size", "normalized")
 RESUMES = {  # (checkpoint's run, world size, work distribution) of each resumed run
     "2-ranks-layerwise-to-1": ("engine_lowrank_layerwise", 1, "layerwise"),
     "2-ranks-replicate-to-1": ("engine_lowrank_replicate", 1, "replicate"),
@@ -187,3 +193,17 @@ def test_automatic_step_under_ddp_equals_one_process_with_the_global_batch(runs,
     # power: the automatic step ends far from K-FAC with SGD + momentum after the same steps
     assert max_relative_difference(runs["single_lowrank"][0]["parameters"], single) > 0.05
     assert ranks[0]["bytes"]["automatic step"] > 0
+
+
+@pytest.mark.parametrize("name", ["engine_normalized_ddp", "ddp_normalized"])
+def test_normalized_step_under_ddp_equals_one_process_with_the_global_batch(runs, name):
+    """step_size='normalized' (with KFACWithAdamW): the momenta and the norms come from all-reduced gradients, so the
+    ranks agree with each other and with one process that sees the global batch."""
+    ranks = runs[name]
+    assert sorted(ranks) == [0, 1]
+    for key, value in ranks[0]["parameters"].items():
+        assert torch.equal(value, ranks[1]["parameters"][key]), key
+    single = runs["engine_normalized_single"][0]["parameters"]
+    assert max_relative_difference(ranks[0]["parameters"], single) < 1e-4  # float32, AdamW on the LayerNorm
+    # power: the normalized step ends far from K-FAC with SGD + momentum after the same steps
+    assert max_relative_difference(runs["single_lowrank"][0]["parameters"], single) > 0.05

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..eigenbasis import Bases, RowPairing, project_rows
 from ..lowrank import DenseFactor, DiagPlusLowRankFactor, KroneckerFactor, LowRankFactor
-from ..preconditioner import pi_damping
+from ..preconditioner import DampingSplit, pi_damping
 
 if TYPE_CHECKING:
     from ..options import KFACOptions
@@ -157,10 +157,11 @@ class KFACLayer(ABC):
         """Both factors are refreshed (their owner prepares the inverses right after): the layer can be preconditioned."""
         return self.a_factor is not None and self.a_factor.refreshed and self.b_factor.refreshed
 
-    def prepare_inverses(self, damping: float) -> None:
-        """Split λ by π-damping at the current traces and prepare both factors' damped inverses."""
+    def prepare_inverses(self, damping: float, split: DampingSplit = pi_damping) -> None:
+        """Split λ between the factors at their current traces (π-damping by default, or relative to each factor:
+        :data:`.preconditioner.DAMPING_SPLITS`) and prepare both factors' damped inverses."""
         a_factor, b_factor = self.factors
-        damping_a, damping_b = pi_damping(damping, a_factor.trace, a_factor.dim, b_factor.trace, b_factor.dim)
+        damping_a, damping_b = split(damping, a_factor.trace, a_factor.dim, b_factor.trace, b_factor.dim)
         a_factor.prepare_inverse(damping_a)
         b_factor.prepare_inverse(damping_b)
 

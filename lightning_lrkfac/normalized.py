@@ -1,0 +1,134 @@
+"""``step_size="normalized"``: K-FAC's direction on a Nesterov momentum of the gradient, each layer's update at a set norm.
+
+Muon's update is the polar factor of a Nesterov momentum, so each hidden layer's update has a set norm; the
+curvature methods that beat it on transformers keep that half and change the direction. Here, per handled layer:
+
+    m ← β m + (1 − β) g,   u = (1 − β) g + β m          (Nesterov, Muon's form: written into ``.grad``)
+    P = the step rule's direction for u                   (K-FAC: (B + δ_B)⁻¹ u (A + δ_A)⁻¹, in place)
+    .grad ← P · ν / ‖P‖_F,  ν = √min(m,n)·√max(1, m/n)    (``update_norm="muon"``; "rms": 0.2·√(m·n))
+
+for the layer's m × n matrix [W b] (the weight's rows, its other dims and an augmented bias column). The optimizer
+then subtracts lr × that (plain SGD, momentum 0: its weight decay is decoupled). The momentum is two in-place passes
+over the gradients, the norm one read and the scaling one read and write; the norm of a sharded layer (FSDP2) is
+summed over its shards. Everything stays on the device: no host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .distributed import local_tensor
+
+if TYPE_CHECKING:
+    from .layers import KFACLayer
+
+
+def target_norm(rows: int, columns: int, rule: str) -> float:
+    """‖update‖_F of an m × n matrix: Muon's √min(m,n)·√max(1, m/n), or AdamW's typical RMS 0.2 times √(m·n)."""
+    if rule == "rms":
+        return 0.2 * math.sqrt(rows * columns)
+    return math.sqrt(min(rows, columns)) * math.sqrt(max(1.0, rows / columns))
+
+
+def update_shape(layer: KFACLayer) -> tuple[int, int]:
+    """(m, n) of a layer's update [W b]: the weight's first dim, and its other dims plus an augmented bias column."""
+    weight = layer.weight
+    rows = weight.shape[0]
+    return rows, weight.numel() // rows + int(layer.augment)
+
+
+def update_grads(layer: KFACLayer) -> list[Tensor]:
+    """This rank's views of the gradients a layer's update spans: its part of the weight's (a block of a shared
+    weight, a shard) and of the bias's, when it has them."""
+    grads = [layer.weight_grad(), layer.bias_grad() if layer.has_bias else None]
+    return [local_tensor(grad) for grad in grads if grad is not None]
+
+
+class NormalizedStep:
+    """The momenta of the handled layers' gradients and each layer's update norm (see the module)."""
+
+    def __init__(self, layers: Sequence[KFACLayer], beta: float, rule: str) -> None:
+        self.layers, self.beta = list(layers), beta
+        self.targets = [target_norm(*update_shape(layer), rule) for layer in layers]
+        #: (layer, piece) → the momentum of that gradient view, made at its first gradient (or loaded).
+        self.momenta: dict[tuple[int, int], Tensor] = {}
+        #: Per layer, whether this rank holds a shard of it (FSDP2), and how its squared norm is summed over ranks.
+        self.partial = [False] * len(layers)
+        self.sum_over_ranks: Callable[[list[Tensor]], None] | None = None
+        self._owners: dict[tuple[int, ...], Tensor] = {}
+        self._targets: Tensor | None = None
+
+    def step(self, precondition: Callable[[], None] | None, finite: Tensor | None = None) -> None:
+        """The momentum into ``.grad``, the step rule's direction for it (``precondition``; None before the factors
+        are ready: the normalized momentum alone), then each layer's update at its norm."""
+        self.take_momentum(finite)
+        if precondition is not None:
+            precondition()
+        self.set_norms()
+
+    def _grads(self) -> tuple[list[Tensor], list[tuple[int, int]]]:
+        """The gradient views of every layer's update, and their (layer, piece) keys."""
+        grads, keys = [], []
+        for index, layer in enumerate(self.layers):
+            for piece, grad in enumerate(update_grads(layer)):
+                grads.append(grad)
+                keys.append((index, piece))
+        return grads, keys
+
+    def take_momentum(self, finite: Tensor | None = None) -> None:
+        """m ← β m + (1 − β) g, then ``.grad`` ← (1 − β) g + β m. ``finite`` False (AMP skips): m stays."""
+        grads, keys = self._grads()
+        if not grads:
+            return
+        for key, grad in zip(keys, grads):
+            if key not in self.momenta:
+                self.momenta[key] = torch.zeros_like(grad, memory_format=torch.contiguous_format)
+        momenta = [self.momenta[key] for key in keys]
+        previous = None if finite is None else [m.clone() for m in momenta]
+        torch._foreach_lerp_(momenta, grads, 1.0 - self.beta)
+        torch._foreach_lerp_(grads, momenta, self.beta)
+        if previous is not None:
+            for buffer, old in zip(momenta, previous):
+                buffer.copy_(torch.where(finite, buffer, old))
+
+    def set_norms(self) -> None:
+        """Scale each layer's update in ``.grad`` to its target norm (a zero update stays zero); a sharded layer's
+        squared norm is summed over the ranks first (every rank calls the collective alike)."""
+        grads, keys = self._grads()
+        if not grads:
+            return
+        device = grads[0].device
+        owners = tuple(index for index, _ in keys)
+        if owners not in self._owners:  # the same parameters have gradients step after step: one upload
+            self._owners = {owners: torch.tensor(owners, device=device)}
+        if self._targets is None:
+            self._targets = torch.tensor(self.targets, dtype=torch.float64, device=device)
+        norms = torch.stack(torch._foreach_norm(grads)).to(torch.float64).square()
+        squares = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        squares.index_add_(0, self._owners[owners], norms)
+        if self.sum_over_ranks is not None and any(self.partial):
+            shards = torch.tensor(self.partial, device=device)
+            summed = torch.where(shards, squares, torch.zeros_like(squares))
+            self.sum_over_ranks([summed])
+            squares = torch.where(shards, summed, squares)
+        norm = squares.sqrt()
+        tiny = torch.finfo(torch.float64).tiny
+        scales = torch.where(norm > 0, self._targets / norm.clamp_min(tiny), torch.zeros_like(norm))
+        for grad, owner in zip(grads, owners):
+            grad.mul_(scales[owner].to(grad.dtype))
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        return {f"momentum.{i}.{j}": m for (i, j), m in sorted(self.momenta.items())}
+
+    def load_state_tensors(self, state: dict[str, Tensor]) -> None:
+        """The saved momenta, each on its layer's device (shapes are those of the saved run's gradients)."""
+        self.momenta = {}
+        for name, tensor in state.items():
+            _, index, piece = name.split(".")
+            device = self.layers[int(index)].weight.device
+            self.momenta[(int(index), int(piece))] = local_tensor(tensor).detach().clone().to(device)
