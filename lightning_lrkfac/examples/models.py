@@ -16,14 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..optim import KFACWithAdamW
 from .optim import MuonWithAdamW
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "muon")
+OPTIMIZERS = ("sgd", "adam", "adamw", "muon", "kfac-adamw")
 
 
 class Trainable(pl.LightningModule):
-    """``self.net`` trained by SGD (with momentum, possibly 0), Adam, AdamW, or Muon on the hidden matrices with
-    AdamW (at ``adamw_lr``) on the rest; a subclass defines ``_shared_step``."""
+    """``self.net`` trained by SGD (with momentum, possibly 0), Adam, AdamW, Muon on the hidden matrices with AdamW
+    (at ``adamw_lr``) on the rest, or ``kfac-adamw``: the callback's finished steps (``step_size: normalized``) with
+    AdamW (at ``adamw_lr``) on what it does not handle; a subclass defines ``_shared_step``."""
 
     def __init__(self, lr: float, momentum: float, weight_decay: float, optimizer: str, adamw_lr: float = 3e-3) -> None:
         super().__init__()
@@ -63,6 +65,8 @@ class Trainable(pl.LightningModule):
             ids = {id(m) for m in matrices}
             others = [p for p in self.parameters() if id(p) not in ids]
             return MuonWithAdamW(matrices, others, lr=self.lr, adamw_lr=self.adamw_lr, weight_decay=self.weight_decay)
+        if self.optimizer_name == "kfac-adamw":
+            return KFACWithAdamW(self.parameters(), lr=self.lr, adamw_lr=self.adamw_lr, weight_decay=self.weight_decay)
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
 
