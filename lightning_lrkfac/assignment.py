@@ -51,6 +51,13 @@ class WorkAssignment:
                     layer.prepare_inverses(damping, split)
                     rule.rebase()
 
+    @staticmethod
+    def prepare(layers: Sequence[KFACLayer], damping: float, split: DampingSplit = pi_damping) -> None:
+        """Re-prepare every ready layer's damped inverses at a new damping (k×k work, on every rank)."""
+        for layer in layers:
+            if layer.ready:
+                layer.prepare_inverses(damping, split)
+
     def share_directions(self, steps: Sequence[tuple[int, GeneralStep]]) -> None:
         """Hand every rank the directions computed by their owners (nothing to do when each rank computed all)."""
 

@@ -88,11 +88,9 @@ class LowRankKFAC:
         prediction = prediction_module(model, options.mc_output_module, handled) if predicting else None
         self.capture = ActivationCapture(hooked, prediction, options.fisher_type == "mc").attach()
         self.capture.enabled = self.factor_update_due(0)
-        #: ``step_size="auto"``: the Gauss–Newton products, the previous update and the adapted λ.
+        # The step sizes that keep state: ``auto``'s products, previous update and λ; ``normalized``'s momenta.
         self.automatic = AutomaticStep.for_model(model, options)
-        #: ``step_size="normalized"``: the momenta and each layer's update norm.
-        normalized = options.step_size == "normalized"
-        self.normalized = NormalizedStep(self.layers, options.momentum, options.update_norm) if normalized else None
+        self.normalized = NormalizedStep.for_options(self.layers, options)
         self.capture.always_predict = self.automatic is not None
 
     # -- lifetime -----------------------------------------------------------------------
@@ -111,9 +109,6 @@ class LowRankKFAC:
         self.sharding = detect_sharding(self.model, self.layers, self.comm, options)
         if self.automatic is not None and self.comm.active:  # DDP: G's products and the losses of each rank's part
             self.automatic.average = partial(self.comm.all_reduce_mean, kind="automatic step")
-        if self.normalized is not None and self.sharding is not None:  # a shard's norm is summed over the ranks
-            self.normalized.partial = [index in self.sharding for index in range(len(self.layers))]
-            self.normalized.sum_over_ranks = partial(self.comm.all_reduce_sum, kind="norms")
         self.assignment = WorkAssignment.create(options.work_distribution, self.comm, self.layers)
         self._coverage = coverage_rows(self.model, self.layers, self.skipped_modules)
         device = self.layers[0].weight.device
@@ -161,13 +156,12 @@ class LowRankKFAC:
         """After the forward, before ``backward()`` (with the AMP loss scale if the loss is scaled). ``mc``: backpropagate
         a loss on sampled labels to the handled outputs (a partial backward). ``auto``: build the graphs of the
         Gauss–Newton products through the prediction (``loss`` required). No-op when neither is on."""
+        self.build()
         if self.automatic is not None:
-            self.build()
             self.automatic.record(loss, self.capture.predictions, loss_scale)
         if not (self.options.fisher_type == "mc" and self.capture.enabled):
             self.capture.predictions.clear()  # whatever was recorded for the automatic step is in its graphs now
             return
-        self.build()
         likelihood, generator = self.options.likelihood, self.mc_generator
         sampled_loss = partial(sampled_negative_log_likelihood, likelihood=likelihood, generator=generator)
         self.capture.backpropagate(sampled_loss, scale=loss_scale)
@@ -232,17 +226,18 @@ class LowRankKFAC:
         if self.factor_update_due(step):
             self.fold_statistics(float(self.factor_decay(step)), grads_finite)
         damping = self.automatic.marquardt.damping if self.automatic is not None else float(self.damping(step))
-        if step % options.basis_update_interval == 0 or self.bases_pending():
-            self.refresh_bases(damping)
-        elif damping != self.prepared_damping:
-            self.prepare_inverses(damping)
+        if step % options.basis_update_interval == 0 or self.bases_pending():  # on the ranks owning each layer
+            self.assignment.refresh(self.layers, self.rules, damping, self.damping_split)
+        elif damping != self.prepared_damping:  # k×k work, every rank
+            self.assignment.prepare(self.layers, damping, self.damping_split)
+        self.prepared_damping = damping
         applied = step >= options.warmup_steps and any(layer.ready for layer in self.layers)
         apply = partial(precondition_layers, self.layers, self.rules, self.assignment, self.sharding, damping)
         direction = partial(apply, None, None, grads_finite) if applied else None  # the rule's, no clip
         if self.automatic is not None:  # then αP + μs
             self.automatic.step(direction, grads_finite, loss_closure, step)
         elif self.normalized is not None:  # of the momentum, then each layer's norm set
-            self.normalized.step(direction, grads_finite)
+            self.normalized.step(direction, grads_finite, self.comm)
         elif applied:
             apply(None if kl_clip is None else learning_rates(lr), kl_clip, grads_finite)
         self._end_step(started, StepSummary(applied, 0.0, damping))
@@ -254,18 +249,6 @@ class LowRankKFAC:
     def bases_pending(self) -> bool:
         """True while some factor has statistics but no eigen-approximation yet (refresh it now)."""
         return any(factor.initialized and not factor.refreshed for layer in self.layers for factor in layer.factors)
-
-    def refresh_bases(self, damping: float) -> None:
-        """Refresh the bases and prepare the damped inverses, on the ranks that own each layer."""
-        self.assignment.refresh(self.layers, self.rules, damping, self.damping_split)
-        self.prepared_damping = damping
-
-    def prepare_inverses(self, damping: float) -> None:
-        """Re-prepare every ready layer's damped inverses at a new damping (k×k work; every rank)."""
-        for layer in self.layers:
-            if layer.ready:
-                layer.prepare_inverses(damping, self.damping_split)
-        self.prepared_damping = damping
 
     def _end_step(self, started: float, summary: StepSummary) -> None:
         self.steps += 1

@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .distributed import local_tensor
+from .distributed import is_dtensor, local_tensor
 
 if TYPE_CHECKING:
+    from .distributed import Communicator
     from .layers import KFACLayer
+    from .options import KFACOptions
 
 
 def target_norm(rows: int, columns: int, rule: str) -> float:
@@ -57,19 +59,24 @@ class NormalizedStep:
         self.targets = [target_norm(*update_shape(layer), rule) for layer in layers]
         #: (layer, piece) → the momentum of that gradient view, made at its first gradient (or loaded).
         self.momenta: dict[tuple[int, int], Tensor] = {}
-        #: Per layer, whether this rank holds a shard of it (FSDP2), and how its squared norm is summed over ranks.
-        self.partial = [False] * len(layers)
-        self.sum_over_ranks: Callable[[list[Tensor]], None] | None = None
         self._owners: dict[tuple[int, ...], Tensor] = {}
         self._targets: Tensor | None = None
 
-    def step(self, precondition: Callable[[], None] | None, finite: Tensor | None = None) -> None:
+    @classmethod
+    def for_options(cls, layers: Sequence[KFACLayer], options: KFACOptions) -> NormalizedStep | None:
+        """The state of ``step_size="normalized"`` for these layers, or None when it is off."""
+        return cls(layers, options.momentum, options.update_norm) if options.step_size == "normalized" else None
+
+    def step(
+        self, precondition: Callable[[], None] | None, finite: Tensor | None = None, comm: Communicator | None = None
+    ) -> None:
         """The momentum into ``.grad``, the step rule's direction for it (``precondition``; None before the factors
-        are ready: the normalized momentum alone), then each layer's update at its norm."""
+        are ready: the normalized momentum alone), then each layer's update at its norm (``comm``: sums a sharded
+        layer's squared norm over the ranks)."""
         self.take_momentum(finite)
         if precondition is not None:
             precondition()
-        self.set_norms()
+        self.set_norms(comm)
 
     def _grads(self) -> tuple[list[Tensor], list[tuple[int, int]]]:
         """The gradient views of every layer's update, and their (layer, piece) keys."""
@@ -96,9 +103,9 @@ class NormalizedStep:
             for buffer, old in zip(momenta, previous):
                 buffer.copy_(torch.where(finite, buffer, old))
 
-    def set_norms(self) -> None:
+    def set_norms(self, comm: Communicator | None = None) -> None:
         """Scale each layer's update in ``.grad`` to its target norm (a zero update stays zero); a sharded layer's
-        squared norm is summed over the ranks first (every rank calls the collective alike)."""
+        (FSDP2: its weight is a DTensor) squared norm is summed over the ranks first (every rank calls it alike)."""
         grads, keys = self._grads()
         if not grads:
             return
@@ -111,10 +118,11 @@ class NormalizedStep:
         norms = torch.stack(torch._foreach_norm(grads)).to(torch.float64).square()
         squares = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
         squares.index_add_(0, self._owners[owners], norms)
-        if self.sum_over_ranks is not None and any(self.partial):
-            shards = torch.tensor(self.partial, device=device)
+        partial = [is_dtensor(layer.weight) for layer in self.layers]
+        if comm is not None and comm.active and any(partial):
+            shards = torch.tensor(partial, device=device)
             summed = torch.where(shards, squares, torch.zeros_like(squares))
-            self.sum_over_ranks([summed])
+            comm.all_reduce_sum([summed], kind="norms")
             squares = torch.where(shards, summed, squares)
         norm = squares.sqrt()
         tiny = torch.finfo(torch.float64).tiny
