@@ -135,7 +135,9 @@ def sweep(
                 if index < len(configs):
                     run = task.run(method, configs[index], 0, device)
                     result.add(task.name, method, configs[index], run)
-                    log(f"{task.name} {method.name} {label(configs[index])}: final {run.final:.4g}, best {run.best:.4g}")
+                    log(
+                        f"{task.name} {method.name} {label(configs[index])}: final {run.final:.4g}, best {run.best:.4g}"
+                    )
         goal = target(task, result)
         confirmed = {}
         for method in methods:

@@ -46,30 +46,39 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+#: The language-model methods that are the callback's (shown as code).
+CALLBACK_METHODS = ("kfac", "ekfac", "soap", "kfac-plain-tie", "normalized", "normalized-tie", "normalized-default")
+
+
+def _language_model_rows() -> dict[tuple[int, str, str], dict[str, Any]]:
+    """(tokens per step, method, target name) → its summary row (harness schema) at the method's best point."""
+    return {(row["tokens"], row["method"], row["target"]): row for row in _rows("language_model")}
+
+
 def language_model_table() -> str:
-    """Steps and wall time to the target validation loss, per batch size, each method at its best grid point."""
-    rows = []
-    for row in _rows("language_model"):
-        rows.append(
+    """Steps to each target validation loss per batch size and method (its best point for the deepest target), with
+    the deepest target's steps and wall time against tuned Muon's and AdamW's."""
+    rows = _language_model_rows()
+    lines = []
+    for tokens, method, target in rows:
+        if target != "deepest":
+            continue
+        deep = rows[(tokens, method, "deepest")]
+        steps = [_steps(rows[(tokens, method, name)]["steps"]) for name in ("2.4", "2", "deepest")]
+        name = f"`{method}`" if method in CALLBACK_METHODS else method
+        lines.append(
             [
-                f"{row['tokens/step']:,}",
-                f"`{row['method']}`" if row["method"] in ("kfac", "ekfac", "soap", "kfac-plain-tie") else row["method"],
-                f"{row['lr']:g}",
-                f"{row['reached']}",
-                _steps(row["steps"]),
-                _number(row["seconds"], 1),
-                f"{row['ms/step']:.0f}",
-                _number(row["steps / better of AdamW, Muon"]),
-                _number(row["time / AdamW"]),
-                _number(row["time / Muon"]),
-                f"{row['final loss']:.2f}",
+                f"{tokens:,}", name, deep["config"].removeprefix("lr="), f"{deep['reached']}/{deep['seeds']}",
+                *steps, f"{deep['loss']:.3f}", _number(deep["seconds"], 1), f"{deep['ms_per_step']:.0f}",
+                _number(deep["steps / Muon"]), _number(deep["time / Muon"]), _number(deep["time / AdamW"]),
+                f"{-deep['best']:.3f}",
             ]
-        )
+        )  # fmt: skip
     header = [
-        "tokens/step", "method", "lr", "seeds reached", "steps", "seconds", "ms/step", "steps / better of AdamW, Muon",
-        "time / AdamW", "time / Muon", "final val. loss",
+        "tokens/step", "method", "lr", "seeds at the deepest", "steps to 2.4", "to 2.0", "to the deepest",
+        "deepest target", "seconds to it", "ms/step", "steps / Muon", "time / Muon", "time / AdamW", "best val. loss",
     ]  # fmt: skip
-    return _table(header, rows)
+    return _table(header, lines)
 
 
 def step_overhead_table() -> str:
@@ -219,20 +228,20 @@ def readme_table() -> str:
                     _against_peers(row, "time / baseline"),
                 ]
             )
-    lm = {(r["tokens/step"], r["method"]): r for r in _rows("language_model")}
-    for tokens in sorted({t for t, _ in lm}):
-        row = lm[(tokens, "kfac")]
-        target = load("language_model")["meta"]["target"]
-        for peer, key in (("AdamW", "adamw"), ("Muon", "muon")):
-            peer_row = lm[(tokens, key)]
-            rows.append(
-                [
-                    f"byte GPT on Python docs, {tokens:,} tokens/step, val. loss {target}",
-                    f"tuned {peer}",
-                    f"{_number(row['steps'] / peer_row['steps'])}×",
-                    _ratio(row["seconds"] / peer_row["seconds"]),
-                ]
-            )
+    lm = _language_model_rows()
+    for tokens in sorted({t for t, _, _ in lm}):
+        for method in ("normalized", "kfac"):
+            row = lm[(tokens, method, "deepest")]
+            for peer, key in (("Muon", "muon"), ("AdamW", "adamw")):
+                peer_row = lm[(tokens, key, "deepest")]
+                rows.append(
+                    [
+                        f"byte GPT on Python docs, {tokens:,} tokens/step, val. loss {row['loss']:.2f}, `{method}`",
+                        f"tuned {peer}",
+                        f"{_number(row['steps'] / peer_row['steps'])}×",
+                        _ratio(row["seconds"] / peer_row["seconds"]),
+                    ]
+                )
     return _table(["task", "against", "steps", "wall time"], rows)
 
 

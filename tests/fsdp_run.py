@@ -78,8 +78,10 @@ def batches(kind: str, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def options(mode: str) -> dict:
+def options(mode: str, step_size: str = "optimizer") -> dict:
     common = dict(basis_update_interval=2, factor_decay=0.8, damping=1e-2, kl_clip=1e-2)
+    if step_size == "normalized":  # each layer's norm summed over its shards
+        common.update(step_size="normalized", kl_clip=None, damping_mode="relative")
     if mode == "exact":
         return {**common, "dense_threshold": 10_000}
     return {**common, "dense_threshold": 0, "rank": 4, "oversampling": 2}
@@ -108,7 +110,7 @@ def train(rank: int, args: argparse.Namespace) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
     model = new_model(args.model)
-    kfac = LowRankKFAC(model, **options(args.mode))
+    kfac = LowRankKFAC(model, **options(args.mode, args.step_size))
     first = 0
     if args.load:
         saved = torch.load(args.load, weights_only=False)
@@ -117,7 +119,8 @@ def train(rank: int, args: argparse.Namespace) -> None:
         first = saved["steps"]
     if world > 1:
         shard(model, kfac)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=args.momentum)
+    momentum = 0.0 if args.step_size == "normalized" else args.momentum
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
     for x, y in batches(args.model, first + args.steps)[first:]:
         part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
         optimizer.zero_grad()
@@ -195,6 +198,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=["exact", "lowrank"], default="exact")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--step-size", dest="step_size", choices=["optimizer", "normalized"], default="optimizer")
     parser.add_argument("--load", default=None)
     parser.add_argument("--out", required=True)
     parser.add_argument("--port", type=int, default=29541)

@@ -80,6 +80,15 @@ def test_two_sharded_ranks_match_one_process_with_the_global_batch(tmp_path, mod
     assert all(not torch.equal(initial[n], single["parameters"][n]) for n in single["parameters"])
 
 
+@pytest.mark.parametrize(("mode", "tolerance"), [("exact", 1e-10), ("lowrank", 1e-6)])
+def test_normalized_step_on_two_sharded_ranks_matches_one_process(tmp_path, mode, tolerance):
+    """step_size='normalized': each rank holds row shards, so a layer's norm is its shards' squares summed."""
+    single = single_process(tmp_path, model="mlp", mode=mode, **{"step-size": "normalized"})
+    sharded = run(tmp_path, "sharded", world=2, model="mlp", mode=mode, **{"step-size": "normalized"})
+    assert len(sharded["sharded"]) == 3 and sharded["bytes"]["norms"] > 0
+    assert_parameters_close(sharded["parameters"], single["parameters"], tolerance)
+
+
 @pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
 def test_resume_across_world_sizes(tmp_path, first, then):
     straight = single_process(tmp_path, mode="lowrank", steps=4, momentum=0.0)
