@@ -11,6 +11,7 @@ from pytorch_lightning.plugins import MixedPrecision
 from sklearn.datasets import load_digits
 
 from lightning_lrkfac import LowRankKFAC
+from lightning_lrkfac.layers import KFACLayer
 
 
 def plain_grads(model, x, y, loss_fn=F.cross_entropy) -> list[torch.Tensor]:
@@ -157,3 +158,34 @@ class InfGradAtStep(pl.Callback):
     def on_after_backward(self, trainer, pl_module):
         if trainer.global_step == self.step:
             pl_module.head.weight.grad[0, 0] = float("inf")
+
+
+class Scaled(nn.Module):
+    """A user's own layer: y = s · x Wᵀ with a fixed scale s (no nn.Linear inside)."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 2.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / in_features**0.5)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.scale * x @ self.weight.T
+
+
+class ScaledLayer(KFACLayer):
+    """K-FAC for :class:`Scaled`: A from s·x (the weight's true input), B from the output gradients."""
+
+    module_type = Scaled
+
+    def __init__(self, name: str, module: Scaled, bias_mode: str = "augment") -> None:
+        out_features, in_features = module.weight.shape
+        super().__init__(name, module, in_features, out_features, has_bias=False, augment=False)
+
+    def _input_rows(self, inputs):
+        return self.module.scale * inputs.reshape(-1, inputs.shape[-1])
+
+    def output_grad_rows(self, grads):
+        return grads.reshape(-1, grads.shape[-1])
+
+    def num_samples(self, grads):
+        return grads.numel() // grads.shape[-1]

@@ -24,9 +24,9 @@ from transformers import logging as hf_logging
 from transformers.pytorch_utils import Conv1D
 
 from lightning_lrkfac import LowRankKFAC, LowRankKFACCallback
-from lightning_lrkfac.layers import LAYER_TYPES, KFACLayer, register_layer_type
+from lightning_lrkfac.layers import LAYER_TYPES, register_layer_type
 
-from .helpers import damped_natural, kfac_grads, plain_grads, quiet_trainer, with_ones
+from .helpers import Scaled, ScaledLayer, damped_natural, kfac_grads, plain_grads, quiet_trainer, with_ones
 
 hf_logging.set_verbosity_error()
 
@@ -112,37 +112,6 @@ def test_conv1d_whose_weight_is_not_2d_keeps_the_plain_gradient():
     torch.testing.assert_close(got[2], plain[2], rtol=0, atol=0)
     assert kfac.skipped_modules == {"2": "Conv1D whose weight is not 2-D (shape (2, 5, 3)): not handled"}
     assert not torch.allclose(got[0], plain[0])
-
-
-class Scaled(nn.Module):
-    """A user's own layer: y = s · x Wᵀ with a fixed scale s (no nn.Linear inside)."""
-
-    def __init__(self, in_features: int, out_features: int, scale: float = 2.0) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_features, in_features) / in_features**0.5)
-        self.scale = scale
-
-    def forward(self, x):
-        return self.scale * x @ self.weight.T
-
-
-class ScaledLayer(KFACLayer):
-    """K-FAC for :class:`Scaled`: A from s·x (the weight's true input), B from the output gradients."""
-
-    module_type = Scaled
-
-    def __init__(self, name: str, module: Scaled, bias_mode: str = "augment") -> None:
-        out_features, in_features = module.weight.shape
-        super().__init__(name, module, in_features, out_features, has_bias=False, augment=False)
-
-    def _input_rows(self, inputs):
-        return self.module.scale * inputs.reshape(-1, inputs.shape[-1])
-
-    def output_grad_rows(self, grads):
-        return grads.reshape(-1, grads.shape[-1])
-
-    def num_samples(self, grads):
-        return grads.numel() // grads.shape[-1]
 
 
 def test_a_registered_user_layer_type_is_preconditioned_exactly():

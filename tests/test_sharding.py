@@ -225,40 +225,11 @@ def test_unsupported_options_and_layers_are_refused(one_rank, options, message):
         build(model, **options)
 
 
-class Scaled(nn.Module):
-    """y = s · x Wᵀ: a user's own layer type, no nn.Linear inside."""
-
-    def __init__(self, in_features: int, out_features: int, scale: float = 2.0) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_features, in_features) / in_features**0.5)
-        self.scale = scale
-
-    def forward(self, x):
-        return self.scale * x @ self.weight.T
-
-
 def scaled_layer_type(shard_side: str | None) -> type:
-    """A registered-style KFACLayer for :class:`Scaled` whose weight's dim 0 is the output (or, None, unknown)."""
-    from lightning_lrkfac.layers import KFACLayer
+    """The helpers' KFACLayer for :class:`Scaled`, whose weight's dim 0 is the output ("out") or, None, unknown."""
+    from tests.helpers import ScaledLayer
 
-    class ScaledLayer(KFACLayer):
-        module_type = Scaled
-
-        def __init__(self, name: str, module: Scaled, bias_mode: str = "augment") -> None:
-            out_features, in_features = module.weight.shape
-            super().__init__(name, module, in_features, out_features, has_bias=False, augment=False)
-
-        def _input_rows(self, inputs):
-            return self.module.scale * inputs.reshape(-1, inputs.shape[-1])
-
-        def output_grad_rows(self, grads):
-            return grads.reshape(-1, grads.shape[-1])
-
-        def num_samples(self, grads):
-            return grads.numel() // grads.shape[-1]
-
-    ScaledLayer.shard_side = shard_side
-    return ScaledLayer
+    return type("ScaledLayer", (ScaledLayer,), {"shard_side": shard_side})
 
 
 @pytest.mark.parametrize("shard_side", ["out", None])
@@ -276,6 +247,8 @@ def test_a_registered_layer_type_is_sharded_when_its_geometry_allows(one_rank, s
 
         def model() -> nn.Module:
             torch.manual_seed(0)
+            from tests.helpers import Scaled
+
             return nn.Sequential(Scaled(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
 
         plain, sharded = model(), model()
