@@ -8,12 +8,13 @@ The clip's budget Σ η²⟨P, G⟩ (Ba et al. 2017) is summed over all of them 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .layer_steps import FusedStep, GeneralStep, LayerStep, LearningRates, inner_products_needed
+from .layer_steps import FusedStep, GeneralStep, LayerStep, LearningRates, products_wanted
 from .preconditioner import kl_clip_scale
 
 if TYPE_CHECKING:
@@ -29,10 +30,10 @@ def plan_steps(
     assignment: WorkAssignment,
     sharding: ShardedPreconditioner | None,
     damping: float | None,
-    inner_products: Callable[[KFACLayer], str],
+    wanted: Callable[[KFACLayer], str],
     grads_finite: Tensor | None = None,
 ) -> list[LayerStep]:
-    """The steps of the ready layers with a gradient (the others keep theirs). ``inner_products(layer)``: what the
+    """The steps of the ready layers with a gradient (the others keep theirs). ``wanted(layer)``: what the
     clip needs of an in-place step; ``grads_finite`` (AMP) False: rules that keep moments leave them unchanged."""
     fused, general, sharded = [], [], []
     for index, (layer, rule) in enumerate(zip(layers, rules)):
@@ -42,7 +43,7 @@ def plan_steps(
             sharded.append(index)
             continue
         if rule.fusable and assignment.fuses:
-            plan = rule.fused_step(inner_products(layer))
+            plan = rule.fused_step(wanted(layer))
             if plan is not None:
                 fused.append(FusedStep(layer, plan))
                 continue
@@ -98,7 +99,14 @@ def precondition_layers(
     grads_finite: Tensor | None = None,
 ) -> None:
     """Plan every ready layer's step and write them all with one KL clip."""
-    needed = lambda layer: inner_products_needed(layer, kl_clip, learning_rate)  # noqa: E731
-    steps = plan_steps(layers, rules, assignment, sharding, damping, needed, grads_finite)
+    steps = plan_steps(
+        layers,
+        rules,
+        assignment,
+        sharding,
+        damping,
+        partial(products_wanted, kl_clip=kl_clip, learning_rate=learning_rate),
+        grads_finite,
+    )
     shard_sum = None if sharding is None else lambda tensors: assignment.comm.all_reduce_sum(tensors, kind="kl")
     apply_steps(steps, kl_clip, learning_rate, shard_sum, layers[0].weight.device)

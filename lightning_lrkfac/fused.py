@@ -53,14 +53,14 @@ class FusedKroneckerStep:
         inverse_diag: Tensor | None,
         scaled_basis: Tensor,
         middle: Tensor,
-        inner_products: str = "none",
+        products_wanted: str = "none",
     ) -> FusedKroneckerStep:
         """Read G for P and Q (once more for the inner products); nothing is written yet.
 
         ``basis`` is U (in' × k_A, its last row the bias column's when ``bias`` is given); (``tail_scale``,
         ``coefficients``) = (s, c) of A's inverse; (``inverse_diag``, ``scaled_basis``, ``middle``) = (e, W, −K)
         of B's (:class:`.lowrank.InverseForm`), −K a matrix or a vector (diagonal), e None for a B kept whole
-        (W its eigenvectors, −K the inverse eigenvalues: no diagonal part, so L = W and R = R₂). ``inner_products``: "none", "total"
+        (W its eigenvectors, −K the inverse eigenvalues: no diagonal part, so L = W and R = R₂). ``products_wanted``: "none", "total"
         (one ⟨N, G⟩) or "split" (the weight's and the bias's).
         """
         columns = weight.shape[1]
@@ -76,16 +76,18 @@ class FusedKroneckerStep:
         rest = torch.addmm(projections, both_scaled, basis.mT, beta=tail_scale)  # s·Q + S diag(c) Uᵀ
         rest = torch.mm(middle, rest) if middle.dim() == 2 else middle[:, None] * rest  # R₂ = −K (s·Q + S diag(c) Uᵀ)
         if inverse_diag is None:
-            products = None if inner_products == "none" else cls._rest_products(rest, projections, inner_products, bias)
+            products = (
+                None if products_wanted == "none" else cls._rest_products(rest, projections, products_wanted, bias)
+            )
             return cls(weight, bias, None, scaled_basis, rest, products)
         scaled_projections = projected * coefficients * inverse_diag[:, None]  # L₁ = diag(e) P diag(c)
         left = torch.cat([scaled_projections, scaled_basis], dim=1)
         right = torch.cat([basis.mT, rest])
         products = None
-        if inner_products != "none":  # ⟨[L₁|W][Uᵀ; R₂], G⟩ = ⟨L₁, P⟩ + ⟨R₂, Q⟩: only the row norms read G again
+        if products_wanted != "none":  # ⟨[L₁|W][Uᵀ; R₂], G⟩ = ⟨L₁, P⟩ + ⟨R₂, Q⟩: only the row norms read G again
             weight_rows = torch.linalg.vector_norm(weight, dim=1).square()
-            rests = cls._rest_products(rest, projections, inner_products, bias)
-            if inner_products == "split" and bias is not None:
+            rests = cls._rest_products(rest, projections, products_wanted, bias)
+            if products_wanted == "split" and bias is not None:
                 products = [
                     tail_scale * torch.dot(inverse_diag, weight_rows)
                     + (scaled_projections * (projected - bias_projected)).sum()
@@ -105,9 +107,9 @@ class FusedKroneckerStep:
         return cls(weight, bias, tail_scale * inverse_diag, left, right, products)
 
     @staticmethod
-    def _rest_products(rest: Tensor, projections: Tensor, inner_products: str, bias: Tensor | None) -> list[Tensor]:
+    def _rest_products(rest: Tensor, projections: Tensor, products_wanted: str, bias: Tensor | None) -> list[Tensor]:
         """⟨R₂, Q⟩, as one sum or split into the weight's columns and the bias's."""
-        if inner_products == "split" and bias is not None:
+        if products_wanted == "split" and bias is not None:
             return [(rest[:, :-1] * projections[:, :-1]).sum(), torch.dot(rest[:, -1], projections[:, -1])]
         return [torch.dot(rest.view(-1), projections.view(-1))]
 

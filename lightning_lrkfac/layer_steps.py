@@ -51,7 +51,7 @@ def layer_rates(layer: KFACLayer, learning_rate: LearningRates) -> tuple[float, 
     return weight_rate, (learning_rate(layer.module.bias) if layer.has_bias else weight_rate)
 
 
-def inner_products_needed(layer: KFACLayer, kl_clip: float | None, learning_rate: LearningRates | None) -> str:
+def products_wanted(layer: KFACLayer, kl_clip: float | None, learning_rate: LearningRates | None) -> str:
     """What the clip needs of an in-place step: nothing, one ⟨N, G⟩, or the weight's and bias's apart (own rates)."""
     if kl_clip is None:
         return "none"

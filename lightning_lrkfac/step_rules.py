@@ -117,8 +117,8 @@ class StepRule:
         scaler will skip this step: a rule that keeps moments must then leave them unchanged."""
         return kronecker_step(self.layer, grads)
 
-    def fused_step(self, inner_products: str = "none") -> fused.FusedKroneckerStep | None:
-        """This step planned to be written into ``.grad`` in place (``inner_products``: see
+    def fused_step(self, products_wanted: str = "none") -> fused.FusedKroneckerStep | None:
+        """This step planned to be written into ``.grad`` in place (``products_wanted``: see
         :meth:`.FusedKroneckerStep.plan`); None where the layer is not :attr:`fusable` or its gradient is missing
         or in another dtype or layout: use :meth:`precondition`."""
         layer = self.layer
@@ -141,7 +141,7 @@ class StepRule:
             b_form.diag,
             b_form.basis,
             b_form.middle,
-            inner_products,
+            products_wanted,
         )
 
     def accumulate_rows(self, b_rows: Tensor, pairing: RowPairing, weight: float | Tensor) -> None:
@@ -180,7 +180,7 @@ class StatefulRule(StepRule):
         if template.right is not None:
             self._bases_tensors["right"] = torch.zeros_like(template.right)
 
-    def fused_step(self, inner_products: str = "none") -> fused.FusedKroneckerStep | None:
+    def fused_step(self, products_wanted: str = "none") -> fused.FusedKroneckerStep | None:
         return None  # the step is the rule's own
 
     def _stored_bases(self) -> Bases:
