@@ -246,3 +246,26 @@ def test_callback_trains_digits_with_kfac_with_adamw():
     with torch.no_grad():
         accuracy = (module(x).argmax(-1) == y).float().mean()
     assert accuracy > 0.95, accuracy
+
+
+def test_kfac_with_adamw_rate_follows_a_scheduler():
+    """A scheduler that halves `lr` halves the AdamW parameters' rate too (their ratio is kept)."""
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(8)
+    reference = nn.LayerNorm(8)
+    reference.load_state_dict(norm.state_dict())
+    optimizer = KFACWithAdamW(norm.parameters(), lr=0.02, adamw_lr=4e-3)
+    optimizer.take_finished_steps([])
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    adamw = torch.optim.AdamW(reference.parameters(), lr=4e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    adamw_scheduler = torch.optim.lr_scheduler.StepLR(adamw, step_size=1, gamma=0.5)
+    for _ in range(3):
+        for mine, theirs in zip(norm.parameters(), reference.parameters()):
+            mine.grad = torch.randn_like(mine)
+            theirs.grad = mine.grad.clone()
+        optimizer.step()
+        adamw.step()
+        scheduler.step()
+        adamw_scheduler.step()
+        for mine, theirs in zip(norm.parameters(), reference.parameters()):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-7)
