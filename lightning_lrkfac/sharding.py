@@ -154,16 +154,16 @@ class ShardedPreconditioner:
             grad = grad.to(shard.layer.dtype)
             if shard.side == "in":  # B over the full width, diagonal A over this rank's tokens
                 natural = b_factor.inverse_left(grad) * a_factor.inverse_diagonal[shard.rows]
-                started.append((index, grad, natural, None))
+                started.append((index, grad, natural, None, None))
                 continue
             right_applied = a_factor.inverse_right(grad)
-            partials.append(b_factor.inverse_form().basis[shard.rows].mT @ right_applied)
-            started.append((index, grad, right_applied, len(partials) - 1))
+            form = b_factor.inverse_form()
+            partials.append(form.basis[shard.rows].mT @ right_applied)
+            started.append((index, grad, right_applied, len(partials) - 1, form))
         self.comm.all_reduce_sum(partials, kind="shards")
         finished = []
-        for index, grad, value, partial in started:
+        for index, grad, value, partial, form in started:
             shard = self.shards[index]
-            form = shard.layer.b_factor.inverse_form()
             natural = value if partial is None else _finish_left(form, value, shard.rows, partials[partial])
             finished.append(ShardStep(shard, grad, natural))
         return finished
