@@ -7,7 +7,7 @@ curvature methods that beat it on transformers keep that half and change the dir
     P = the step rule's direction for u                   (K-FAC: (B + δ_B)⁻¹ u (A + δ_A)⁻¹, in place)
     .grad ← P · ν / ‖P‖_F,  ν = √min(m,n)·√max(1, m/n)    (``update_norm="muon"``; "rms": 0.2·√(m·n))
 
-for the layer's m × n matrix [W b] (the weight's rows, its other dims and an augmented bias column). The optimizer
+for the layer's m × n gradient matrix [W b] (outputs by inputs, an augmented bias column included). The optimizer
 then subtracts lr × that (plain SGD, momentum 0: its weight decay is decoupled). The momentum is two in-place passes
 over the gradients, the norm one read and the scaling one read and write; the norm of a sharded layer (FSDP2) is
 summed over its shards. Everything stays on the device: no host sync.
@@ -38,10 +38,10 @@ def target_norm(rows: int, columns: int, rule: str) -> float:
 
 
 def update_shape(layer: KFACLayer) -> tuple[int, int]:
-    """(m, n) of a layer's update [W b]: the weight's first dim, and its other dims plus an augmented bias column."""
-    weight = layer.weight
-    rows = weight.shape[0]
-    return rows, weight.numel() // rows + int(layer.augment)
+    """(m, n) of a layer's update [W b] as its gradient matrix: the outputs (of every block of a grouped conv) by the
+    inputs (a conv's channels × kernel, and an augmented bias column). A block of a shared weight (an attention
+    projection) is its own m × n."""
+    return math.prod(layer.blocks) * layer.out_dim, layer.in_dim
 
 
 def update_grads(layer: KFACLayer) -> list[Tensor]:
