@@ -27,6 +27,7 @@ BENCHMARKS = {
     "language_model": True,
     "sharding_bytes": False,
     "main_job": False,
+    "compile": False,
 }
 
 

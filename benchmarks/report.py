@@ -166,6 +166,16 @@ def _against_peers(row: dict[str, Any], key: str, bold: bool = True) -> str:
     return text if row["baseline reached"] else "< " + text
 
 
+def _versus(mine: float, theirs: float, budget: float, bold: bool = True) -> str:
+    """mine / theirs; "never" when mine did not reach the target; "<" and the ratio to the peer's budget (its steps,
+    or its seconds for them) when only the peer did not."""
+    if not math.isfinite(mine):
+        return "never"
+    ratio = mine / (theirs if math.isfinite(theirs) else budget)
+    text = _ratio(ratio) if bold else f"{_number(ratio)}×"
+    return text if math.isfinite(theirs) else "< " + text
+
+
 def batch_scaling_table() -> str:
     """Per task and batch size: each method's steps / seconds to the target at its best points, and the callback's
     tuned and default ratios to the best of SGD, Adam and Muon."""
@@ -229,19 +239,18 @@ def readme_table() -> str:
                 ]
             )
     lm = _language_model_rows()
+    budget = load("language_model")["meta"]["budget"]
     for tokens in sorted({t for t, _, _ in lm}):
-        for method in ("normalized", "kfac"):
-            row = lm[(tokens, method, "deepest")]
-            for peer, key in (("Muon", "muon"), ("AdamW", "adamw")):
-                peer_row = lm[(tokens, key, "deepest")]
-                rows.append(
-                    [
-                        f"byte GPT on Python docs, {tokens:,} tokens/step, val. loss {row['loss']:.2f}, `{method}`",
-                        f"tuned {peer}",
-                        f"{_number(row['steps'] / peer_row['steps'])}×",
-                        _ratio(row["seconds"] / peer_row["seconds"]),
-                    ]
-                )
+        for peer, key, target in (("Muon", "muon", "deepest"), ("Muon", "muon", "2"), ("AdamW", "adamw", "2.4")):
+            row, peer_row = lm[(tokens, "normalized", target)], lm[(tokens, key, target)]
+            rows.append(
+                [
+                    f"byte GPT on Python docs, {tokens:,} tokens/step, val. loss {row['loss']:.2f}, `normalized`",
+                    f"tuned {peer}",
+                    _versus(row["steps"], peer_row["steps"], budget, bold=False),
+                    _versus(row["seconds"], peer_row["seconds"], budget * peer_row["ms_per_step"] / 1e3),
+                ]
+            )
     return _table(["task", "against", "steps", "wall time"], rows)
 
 
@@ -316,6 +325,17 @@ def sharding_bytes_table() -> str:
     return _table(header, rows)
 
 
+def compile_table() -> str:
+    """Step times eager and compiled, with and without the callback (``python -m benchmarks.compile``)."""
+    keys = [
+        "eager ms", "eager + callback ms", "compiled ms", "compiled + callback ms", "compile speed-up",
+        "compile speed-up with the callback", "callback / plain, compiled",
+    ]  # fmt: skip
+    rows = [[row["model"], *(f"{row[key]:.2f}" if "speed" in key or "/" in key else f"{row[key]:.1f}" for key in keys)]
+            for row in _rows("compile")]  # fmt: skip
+    return _table(["model", *keys], rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "README.md": readme_table,
     "README.md#main-job": main_job_sentence,
@@ -328,6 +348,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "docs/benchmarks.md#approximation-quality": approximation_table,
     "docs/step-rules.md#automatic-step-size": automatic_step_table,
     "docs/distributed.md#fsdp2": sharding_bytes_table,
+    "docs/benchmarks.md#torchcompile": compile_table,
 }
 
 

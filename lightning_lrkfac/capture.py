@@ -80,6 +80,9 @@ class ActivationCapture:
     def _recording(self, module: nn.Module, output: object) -> bool:
         return self.enabled and self._trains(module, output)
 
+    # Under torch.compile the hooks run eagerly, at a graph break each: traced, their per-module dict lookups would
+    # guard on module identity and recompile once per handled layer until dynamo's recompile limit.
+    @torch.compiler.disable
     def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if not self._recording(module, output):
             return
@@ -96,6 +99,7 @@ class ActivationCapture:
 
         output.register_hook(record)
 
+    @torch.compiler.disable
     def _prediction_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if (self.enabled or self.always_predict) and self._trains(module, output):
             self.predictions.append(output)

@@ -3,6 +3,7 @@ precision against float32, and Lightning Fabric against the plain loop."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import pytest
@@ -169,3 +170,44 @@ def test_lightning_fabric_loop_equals_the_plain_loop():
         results.append([p.detach().clone() for p in model.parameters()])
     for plain, fabric_run in zip(*results):
         assert torch.equal(plain, fabric_run)
+
+
+def deep_mlp() -> nn.Module:
+    """18 handled Linear layers: more than dynamo's recompile limit of 8."""
+    torch.manual_seed(0)
+    body = [module for _ in range(16) for module in (nn.Linear(16, 16), nn.Tanh())]
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), *body[:-1], nn.Tanh(), nn.Linear(16, 4)).double()
+
+
+class Messages(logging.Handler):
+    """The messages of one logger (dynamo's do not propagate to the root logger that caplog reads)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_torch_compile_runs_the_hooks_eagerly_without_recompiles():
+    """torch.compile(model) with the engine: no recompile-limit warning for 18 handled layers (the hooks run at graph
+    breaks instead of being traced), and the statistics and steps equal the eager run's (exact mode, float64)."""
+    torch._dynamo.reset()
+    x, y = torch.randn(32, 8, dtype=torch.float64), torch.randint(0, 4, (32,))
+
+    def run(compiled: bool):
+        model = deep_mlp()
+        net = torch.compile(model) if compiled else model
+        return exact_run(model, lambda m: F.cross_entropy(net(x), y))
+
+    eager = run(False)
+    dynamo, messages = logging.getLogger("torch._dynamo"), Messages()
+    dynamo.addHandler(messages)
+    try:
+        compiled = run(True)
+    finally:
+        dynamo.removeHandler(messages)
+    assert len(eager[1]["layers"]) == 18
+    assert not [m for m in messages.messages if "recompile" in m.lower()], messages.messages
+    assert_same_statistics_and_steps(eager, compiled)
