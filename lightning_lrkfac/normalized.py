@@ -73,10 +73,11 @@ class NormalizedStep:
         """The momentum into ``.grad``, the step rule's direction for it (``precondition``; None before the factors
         are ready: the normalized momentum alone), then each layer's update at its norm (``comm``: sums a sharded
         layer's squared norm over the ranks)."""
-        self.take_momentum(finite)
+        grads, keys = self._grads()  # views of .grad: the direction is written into them in place
+        self.take_momentum(finite, grads, keys)
         if precondition is not None:
             precondition()
-        self.set_norms(comm)
+        self.set_norms(comm, grads, keys)
 
     def _grads(self) -> tuple[list[Tensor], list[tuple[int, int]]]:
         """The gradient views of every layer's update, and their (layer, piece) keys."""
@@ -87,9 +88,12 @@ class NormalizedStep:
                 keys.append((index, piece))
         return grads, keys
 
-    def take_momentum(self, finite: Tensor | None = None) -> None:
+    def take_momentum(
+        self, finite: Tensor | None = None, grads: list[Tensor] | None = None, keys: list[tuple[int, int]] | None = None
+    ) -> None:
         """m ← β m + (1 − β) g, then ``.grad`` ← (1 − β) g + β m. ``finite`` False (AMP skips): m stays."""
-        grads, keys = self._grads()
+        if grads is None:
+            grads, keys = self._grads()
         if not grads:
             return
         for key, grad in zip(keys, grads):
@@ -103,10 +107,16 @@ class NormalizedStep:
             for buffer, old in zip(momenta, previous):
                 buffer.copy_(torch.where(finite, buffer, old))
 
-    def set_norms(self, comm: Communicator | None = None) -> None:
+    def set_norms(
+        self,
+        comm: Communicator | None = None,
+        grads: list[Tensor] | None = None,
+        keys: list[tuple[int, int]] | None = None,
+    ) -> None:
         """Scale each layer's update in ``.grad`` to its target norm (a zero update stays zero); a sharded layer's
         (FSDP2: its weight is a DTensor) squared norm is summed over the ranks first (every rank calls it alike)."""
-        grads, keys = self._grads()
+        if grads is None:
+            grads, keys = self._grads()
         if not grads:
             return
         device = grads[0].device
