@@ -99,6 +99,12 @@ class NormalizedStep:
         for key, grad in zip(keys, grads):
             if key not in self.momenta:
                 self.momenta[key] = torch.zeros_like(grad, memory_format=torch.contiguous_format)
+            elif self.momenta[key].shape != grad.shape:  # loaded from a run with other shards or shapes
+                raise ValueError(
+                    f"LowRankKFAC: checkpoint entry `normalized` holds a momentum of shape {tuple(self.momenta[key].shape)} "
+                    f"for layer {self.layers[key[0]].name!r}, whose gradient here is {tuple(grad.shape)}: resume "
+                    "step_size='normalized' on the same world size and layout (FSDP2 saves each rank's shards)"
+                )
         momenta = [self.momenta[key] for key in keys]
         previous = None if finite is None else [m.clone() for m in momenta]
         torch._foreach_lerp_(momenta, grads, 1.0 - self.beta)

@@ -269,3 +269,20 @@ def test_kfac_with_adamw_rate_follows_a_scheduler():
         adamw_scheduler.step()
         for mine, theirs in zip(norm.parameters(), reference.parameters()):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-7)
+
+
+def test_momenta_of_another_shape_fail_clearly_at_the_first_step():
+    """A checkpoint's momenta from another layout (FSDP2 saves each rank's shards) are refused, naming the entry."""
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 4, (8,))
+    model = mlp()
+    with LowRankKFAC(model, **NORMALIZED) as kfac:
+        F.cross_entropy(model(x), y).backward()
+        kfac.step()
+        saved = kfac.state_dict()
+    saved["normalized"]["momentum.0.0"] = saved["normalized"]["momentum.0.0"][:3]  # a shard's rows
+    fresh = mlp()
+    with LowRankKFAC(fresh, **NORMALIZED) as kfac:
+        kfac.load_state_dict(saved)
+        F.cross_entropy(fresh(x), y).backward()
+        with pytest.raises(ValueError, match=r"`normalized` holds a momentum of shape \(3, 5\) for layer '0'"):
+            kfac.step()
