@@ -69,32 +69,34 @@ def _adds_moments(optimizer: Any) -> int | None:
     return None
 
 
-_PLAIN_SGD = {"lr": 1.0, "momentum": 0, "weight_decay": 0, "nesterov": False, "maximize": False}
+#: torch.optim.SGD's settings under which θ ← θ − lr·.grad takes ``.grad`` as a finished step, and those of
+#: θ ← θ − .grad exactly (the automatic step's).
+_FINISHING_SGD = {"momentum": 0, "nesterov": False, "maximize": False}
+_PLAIN_SGD = {"lr": 1.0, "weight_decay": 0, **_FINISHING_SGD}
+
+
+def _sgd_differences(optimizer: Any, wanted: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+    """(group index, what differs) unless the optimizer is torch.optim.SGD with the ``wanted`` settings in every group."""
+    import torch
+
+    for index, group in enumerate(optimizer.param_groups):
+        wrong = {key: group.get(key) for key, value in wanted.items() if group.get(key, value) != value}
+        if not isinstance(optimizer, torch.optim.SGD) or wrong:
+            return index, wrong or _settings(group)
+    return None
 
 
 def _not_finishing_sgd(optimizer: Any) -> tuple[int, dict[str, Any]] | None:
     """(group index, what differs) unless the optimizer takes ``.grad`` as the finished step: torch.optim.SGD with
     momentum 0 (any lr and weight decay), or :class:`~lightning_lrkfac.optim.KFACWithAdamW`."""
-    import torch
-
     if getattr(optimizer, "takes_finished_steps", False):
         return None
-    for index, group in enumerate(optimizer.param_groups):
-        wrong = {key: group.get(key) for key in ("momentum", "nesterov", "maximize") if group.get(key)}
-        if not isinstance(optimizer, torch.optim.SGD) or wrong:
-            return index, wrong or _settings(group)
-    return None
+    return _sgd_differences(optimizer, _FINISHING_SGD)
 
 
 def _not_plain_sgd(optimizer: Any) -> tuple[int, dict[str, Any]] | None:
     """(group index, what differs) unless every group is torch.optim.SGD(lr=1, momentum=0, weight_decay=0)."""
-    import torch
-
-    for index, group in enumerate(optimizer.param_groups):
-        wrong = {key: group.get(key) for key, value in _PLAIN_SGD.items() if group.get(key, value) != value}
-        if not isinstance(optimizer, torch.optim.SGD) or wrong:
-            return index, wrong or _settings(group)
-    return None
+    return _sgd_differences(optimizer, _PLAIN_SGD)
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ class NormalizedStep:
         self.momenta: dict[tuple[int, int], Tensor] = {}
         self._owners: dict[tuple[int, ...], Tensor] = {}
         self._targets: Tensor | None = None
+        self._shards: Tensor | None = None
 
     @classmethod
     def for_options(cls, layers: Sequence[KFACLayer], options: KFACOptions) -> NormalizedStep | None:
@@ -88,12 +89,8 @@ class NormalizedStep:
                 keys.append((index, piece))
         return grads, keys
 
-    def take_momentum(
-        self, finite: Tensor | None = None, grads: list[Tensor] | None = None, keys: list[tuple[int, int]] | None = None
-    ) -> None:
+    def take_momentum(self, finite: Tensor | None, grads: list[Tensor], keys: list[tuple[int, int]]) -> None:
         """m ← β m + (1 − β) g, then ``.grad`` ← (1 − β) g + β m. ``finite`` False (AMP skips): m stays."""
-        if grads is None:
-            grads, keys = self._grads()
         if not grads:
             return
         for key, grad in zip(keys, grads):
@@ -113,33 +110,26 @@ class NormalizedStep:
             for buffer, old in zip(momenta, previous):
                 buffer.copy_(torch.where(finite, buffer, old))
 
-    def set_norms(
-        self,
-        comm: Communicator | None = None,
-        grads: list[Tensor] | None = None,
-        keys: list[tuple[int, int]] | None = None,
-    ) -> None:
+    def set_norms(self, comm: Communicator | None, grads: list[Tensor], keys: list[tuple[int, int]]) -> None:
         """Scale each layer's update in ``.grad`` to its target norm (a zero update stays zero); a sharded layer's
         (FSDP2: its weight is a DTensor) squared norm is summed over the ranks first (every rank calls it alike)."""
-        if grads is None:
-            grads, keys = self._grads()
         if not grads:
             return
         device = grads[0].device
         owners = tuple(index for index, _ in keys)
         if owners not in self._owners:  # the same parameters have gradients step after step: one upload
             self._owners = {owners: torch.tensor(owners, device=device)}
-        if self._targets is None:
+        if self._targets is None:  # the targets and which layers are sharded are fixed once training runs
             self._targets = torch.tensor(self.targets, dtype=torch.float64, device=device)
+            sharded = [is_dtensor(layer.weight) for layer in self.layers]
+            self._shards = torch.tensor(sharded, device=device) if any(sharded) else None
         norms = torch.stack(torch._foreach_norm(grads)).to(torch.float64).square()
         squares = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
         squares.index_add_(0, self._owners[owners], norms)
-        partial = [is_dtensor(layer.weight) for layer in self.layers]
-        if comm is not None and comm.active and any(partial):
-            shards = torch.tensor(partial, device=device)
-            summed = torch.where(shards, squares, torch.zeros_like(squares))
+        if comm is not None and comm.active and self._shards is not None:
+            summed = torch.where(self._shards, squares, torch.zeros_like(squares))
             comm.all_reduce_sum([summed], kind="norms")
-            squares = torch.where(shards, summed, squares)
+            squares = torch.where(self._shards, summed, squares)
         norm = squares.sqrt()
         tiny = torch.finfo(torch.float64).tiny
         scales = torch.where(norm > 0, self._targets / norm.clamp_min(tiny), torch.zeros_like(norm))
