@@ -124,7 +124,7 @@ class LowRankKFAC:
         finished step); tell one that takes finished steps (:class:`.optim.KFACWithAdamW`) which parameters get them."""
         check("optimizer", self.options, optimizer)
         if hasattr(optimizer, "take_finished_steps"):
-            optimizer.take_finished_steps([p for layer in self.layers for p in layer.module.parameters(recurse=False)])
+            optimizer.take_finished_steps([p for layer in self.layers for p in layer.parameters()])
 
     def close(self) -> None:
         """Remove the capture hooks (and any swapped-in forward) and drop anything captured; the curvature state stays."""

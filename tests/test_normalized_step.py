@@ -286,3 +286,24 @@ def test_momenta_of_another_shape_fail_clearly_at_the_first_step():
         F.cross_entropy(fresh(x), y).backward()
         with pytest.raises(ValueError, match=r"`normalized` holds a momentum of shape \(3, 5\) for layer '0'"):
             kfac.step()
+
+
+def test_kfac_with_adamw_learns_every_handled_parameter_attention_included():
+    """The in-projection blocks of nn.MultiheadAttention precondition a weight their module does not own: it takes
+    the finished step too, and only the unhandled LayerNorm is AdamW's."""
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.norm = nn.LayerNorm(8)
+
+        def forward(self, x):
+            return self.norm(self.attention(x, x, x, need_weights=False)[0])
+
+    model = Attention()
+    optimizer = KFACWithAdamW(model.parameters(), lr=0.02)
+    with LowRankKFAC(model, **NORMALIZED, precondition_attention=True) as kfac:
+        kfac.check_optimizer(optimizer)
+    adamw = {name for name, p in model.named_parameters() if id(p) not in optimizer.finished}
+    assert adamw == {"norm.weight", "norm.bias"}

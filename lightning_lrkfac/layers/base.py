@@ -101,6 +101,11 @@ class KFACLayer(ABC):
     def weight(self) -> Tensor:
         return self.module.weight
 
+    def parameters(self) -> list[Tensor]:
+        """The parameters this layer preconditions: the weight, and the bias when it has a trainable one (for a block
+        of a shared weight, the whole shared tensors)."""
+        return [self.weight] + ([self.module.bias] if self.has_bias else [])
+
     # -- factors --------------------------------------------------------------------
     def build_factors(
         self,
