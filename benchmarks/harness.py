@@ -23,6 +23,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .training import label
+
 
 @dataclass(frozen=True)
 class Method:
@@ -67,11 +69,6 @@ class Task(Protocol):
     name: str
 
     def run(self, method: Method, config: dict, seed: int, device: torch.device) -> Run: ...
-
-
-def label(config: dict) -> str:
-    """A grid point as text, e.g. ``lr=0.1, damping=0.01``."""
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
 
 
 def summary(task: str, method: Method, config: dict, runs: Sequence[Run], target: float) -> dict[str, Any]:

@@ -130,23 +130,21 @@ def main() -> None:
         results[task.name] = sweep(
             [task], methods, seeds, device, target=lambda t, done: deepest_target(done, t, methods), log=print
         )
-    rows, table = [], []
+    rows, table, curves = [], [], []
     for task in tasks:
         result = results[task.name]
         deep = deepest_target(result, task, methods)
         targets = {f"{loss:g}": -loss for loss in TARGETS} | {"deepest": deep}
-        best = {m.name: best_point(result.rows(task.name, m, deep)) for m in methods}
         for method in methods:
-            runs = result.runs[(task.name, method.name, best[method.name]["config"])]
+            grid = result.rows(task.name, method, deep)
+            rows += [{"grid": row} for row in grid]
+            best = best_point(grid)["config"]
+            runs = result.runs[(task.name, method.name, best)]
+            curves.append({"curves": {"task": task.name, "method": method.name, "runs": [r.history for r in runs]}})
             for name, target in targets.items():
-                row = summary(task.name, method, _config(method, best[method.name]["config"]), runs, target)
+                row = summary(task.name, method, _config(method, best), runs, target)
                 row.update(target=name, loss=-target, width=task.width, tokens=task.tokens)
                 table.append(row)
-        for method in methods:
-            for config in method.configs():
-                key = (task.name, method.name, label(config))
-                if key in result.runs:
-                    rows.append({"grid": summary(task.name, method, config, result.runs[key], deep)})
     _add_ratios(table)
     print(f"\nbest grid point per method (for the deepest target), median of {seeds} seed(s):")
     print_table(table, ["task", "method", "config", "target", "loss", "reached", "steps", "seconds", "ms_per_step",
@@ -158,12 +156,6 @@ def main() -> None:
         "every": EVERY,
         "model": {"width": args.width, "depth": DEPTH, "heads": HEADS, "context": CONTEXT, "vocabulary": VOCABULARY},
     }
-    curves = [
-        {"curves": {"task": task.name, "method": m.name, "runs": [r.history for r in results[task.name].runs[key]]}}
-        for task in tasks
-        for m in methods
-        if (key := (task.name, m.name, best_point(results[task.name].rows(task.name, m, deepest_target(results[task.name], task, methods)))["config"])) in results[task.name].runs
-    ]  # fmt: skip
     name = "language_model" if args.width == WIDTH else f"language_model_w{args.width}"
     write_json(name, meta, table + rows + curves)
     plot(tasks, methods, curves, name)
