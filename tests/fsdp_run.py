@@ -11,6 +11,7 @@ batches. Rank 0 writes the full parameters, the engine's state and its communica
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from pathlib import Path
@@ -138,6 +139,11 @@ def train(rank: int, args: argparse.Namespace) -> None:
         }
         torch.save(record, args.out)
     if world > 1:
+        # Drop every holder of the gloo group (the sharded model, the engine, the optimizer) while the
+        # group is still registered: a group freed at interpreter exit can abort a rank (CI saw
+        # "terminate called without an active exception" on rank 1).
+        del model, kfac, optimizer, parameters
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
