@@ -19,6 +19,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from . import compat
+from .capture import check_no_cuda_graphs
 from .compatibility import check
 from .engine import LowRankKFAC
 from .options import KFACOptions, args_docstring
@@ -64,6 +65,7 @@ class LowRankKFACCallback(Callback):
                 "LowRankKFACCallback needs automatic optimization (`automatic_optimization = True`): it preconditions in `on_before_optimizer_step`, which manual optimization bypasses."
             )
         check_strategy(trainer.strategy)
+        check_no_cuda_graphs(pl_module, trainer.strategy.root_device)  # again at fit start, after configure_model
         if isinstance(trainer.strategy, ModelParallelStrategy):  # FSDP2: `configure_model` shards after this hook,
             check("fsdp2", self.options, error=RuntimeError)  # so the engine comes at fit start
         else:

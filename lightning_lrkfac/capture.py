@@ -153,3 +153,38 @@ def prediction_module(model: nn.Module, name: str | None, handled: list[str]) ->
             f"got {name!r}; handled layers: {handled}"
         )
     return modules[name]
+
+
+def _compile_configs(module: nn.Module) -> list[dict | None]:
+    """The inductor configs ``torch.compile`` was given for this module: as ``torch.compile(module)``, as
+    ``module.compile()``, or as a LightningModule handed compiled to ``Trainer.fit`` (Lightning keeps the context)."""
+    contexts = [getattr(module, "dynamo_ctx", None), (getattr(module, "_compiler_ctx", None) or {}).get("dynamo_ctx")]
+    configs = [getattr(context, "compiler_config", None) for context in contexts if context is not None]
+    compiled_call = getattr(module, "_compiled_call_impl", None)
+    if compiled_call is not None and hasattr(compiled_call, "get_compiler_config"):
+        configs.append(compiled_call.get_compiler_config())
+    return configs
+
+
+def cuda_graph_compiled(model: nn.Module) -> list[str]:
+    """Names of ``model`` and its submodules compiled to replay CUDA graphs (``mode='reduce-overhead'`` or
+    ``'max-autotune'``, or ``options={'triton.cudagraphs': True}``)."""
+    return [
+        name or type(model).__name__
+        for name, module in model.named_modules()
+        if any((config or {}).get("triton.cudagraphs") for config in _compile_configs(module))
+    ]
+
+
+def check_no_cuda_graphs(model: nn.Module, device: torch.device) -> None:
+    """Refuse a model compiled with CUDA graphs on a CUDA device: the hooks keep each handled call's input and output
+    gradient from the forward to the step, and a CUDA graph overwrites those buffers at its next replay (only a copy
+    keeps them). Inductor does not make CUDA graphs for a CPU model, so there it trains as with ``mode='default'``."""
+    compiled = cuda_graph_compiled(model)
+    if compiled and device.type == "cuda":
+        raise RuntimeError(
+            f"LowRankKFAC cannot run under torch.compile with CUDA graphs ({compiled}: mode='reduce-overhead' or "
+            "'max-autotune'): its hooks keep each handled layer's inputs and output gradients until the step, and a "
+            "CUDA graph overwrites them at its next replay. Compile with mode='default' or "
+            "'max-autotune-no-cudagraphs'."
+        )

@@ -19,7 +19,7 @@ from . import checkpoint
 from .adaptive import AutomaticStep
 from .apply import precondition_layers
 from .assignment import WorkAssignment
-from .capture import ActivationCapture, prediction_module
+from .capture import ActivationCapture, check_no_cuda_graphs, prediction_module
 from .compatibility import check
 from .distributed import Communicator
 from .fisher import sampled_negative_log_likelihood
@@ -62,6 +62,7 @@ class LowRankKFAC:
         self.layers, self.skipped_modules = select_layers(model, options)
         if not self.layers:
             raise ValueError(f"LowRankKFAC found nothing to precondition in {type(model).__name__}: it handles nn.Linear, nn.Conv1d/2d/3d, nn.Embedding (precondition_embeddings) and nn.MultiheadAttention (precondition_attention) with trainable weights; `include`={options.include!r}, `exclude`={options.exclude!r}, skipped: {self.skipped_modules}")  # fmt: skip
+        check_no_cuda_graphs(model, self.layers[0].weight.device)  # again at build, on the training device
         self.damping, self.factor_decay = as_schedule(options.damping), as_schedule(options.factor_decay)
         self.damping_split = DAMPING_SPLITS[options.damping_mode]
         self.kl_clip = None if options.kl_clip is None else as_schedule(options.kl_clip)
@@ -99,6 +100,7 @@ class LowRankKFAC:
         if self.rules:
             return
         options = self.options
+        check_no_cuda_graphs(self.model, self.layers[0].weight.device)
         for layer in self.layers:
             dtype = options.factor_dtype_for(layer.weight.dtype)
             layer.build_factors(

@@ -3,6 +3,7 @@
 import warnings
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -117,3 +118,15 @@ def test_callback_under_single_gpu_fsdp2_matches_the_plain_engine_on_the_cpu(tmp
     assert gpu["sharded"] == ["0", "2.conv", "4"]
     for name, value in cpu["parameters"].items():
         torch.testing.assert_close(gpu["parameters"][name], value, rtol=1e-8, atol=1e-8, msg=name)
+
+
+def test_a_model_compiled_with_cuda_graphs_is_refused_at_setup(tmp_path):
+    """Trainer.fit(torch.compile(module, mode='reduce-overhead')) on a GPU fails at setup, before any step."""
+    module = DigitsModule()
+    trainer = pl.Trainer(
+        accelerator="gpu", devices=1, max_steps=2, callbacks=[LowRankKFACCallback()], default_root_dir=tmp_path,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="CUDA graphs"):
+        trainer.fit(torch.compile(module, mode="reduce-overhead"), digits_loader())
+    assert trainer.global_step == 0

@@ -211,3 +211,41 @@ def test_torch_compile_runs_the_hooks_eagerly_without_recompiles():
     assert len(eager[1]["layers"]) == 18
     assert not [m for m in messages.messages if "recompile" in m.lower()], messages.messages
     assert_same_statistics_and_steps(eager, compiled)
+
+
+@pytest.mark.parametrize(
+    ("compile_as", "graphed"),
+    [
+        ("default", False),
+        ("max-autotune-no-cudagraphs", False),
+        ("reduce-overhead", True),
+        ("max-autotune", True),
+        ("cudagraphs option", True),
+        ("module.compile reduce-overhead", True),
+        ("fit with a compiled LightningModule", True),
+    ],
+)
+def test_models_compiled_with_cuda_graphs_are_refused_on_cuda(compile_as, graphed):
+    """CUDA graphs overwrite the buffers the hooks keep until the step: refused at construction on a CUDA device,
+    naming the compiled module and the modes to use instead; the other modes and any CPU model are accepted."""
+    from pytorch_lightning.utilities.compile import from_compiled
+
+    from lightning_lrkfac.capture import check_no_cuda_graphs
+
+    module = DigitsModule()
+    if compile_as == "cudagraphs option":
+        model = torch.compile(module, options={"triton.cudagraphs": True})
+    elif compile_as == "module.compile reduce-overhead":
+        module.body[0].compile(mode="reduce-overhead")
+        model = module
+    elif compile_as == "fit with a compiled LightningModule":
+        model = from_compiled(torch.compile(module, mode="reduce-overhead"))  # what Trainer.fit does with one
+    else:
+        model = torch.compile(module, mode=compile_as)
+    check_no_cuda_graphs(model, torch.device("cpu"))  # no CUDA graphs on a CPU: trains as mode='default'
+    if not graphed:
+        check_no_cuda_graphs(model, torch.device("cuda"))
+        return
+    with pytest.raises(RuntimeError, match="CUDA graphs.*mode='default' or 'max-autotune-no-cudagraphs'") as error:
+        check_no_cuda_graphs(model, torch.device("cuda"))
+    assert ("body.0" if compile_as.startswith("module.compile") else type(model).__name__) in str(error.value)
