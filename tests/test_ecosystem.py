@@ -249,3 +249,28 @@ def test_models_compiled_with_cuda_graphs_are_refused_on_cuda(compile_as, graphe
     with pytest.raises(RuntimeError, match="CUDA graphs.*mode='default' or 'max-autotune-no-cudagraphs'") as error:
         check_no_cuda_graphs(model, torch.device("cuda"))
     assert ("body.0" if compile_as.startswith("module.compile") else type(model).__name__) in str(error.value)
+
+
+def test_lightning_fabric_ddp_on_two_processes_equals_one_process_with_the_global_batch(tmp_path):
+    """Fabric's ``ddp_spawn`` on 2 CPU processes, each with half the batch: the parameters of one process with the
+    whole batch (exact mode, float64, 1e-10), so the statistics are folded over the ranks."""
+    pytest.importorskip("lightning_fabric")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("fabric_ddp_run.py")
+    path = os.pathsep.join(filter(None, [str(script.parent.parent), os.environ.get("PYTHONPATH")]))
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(PYTHONPATH=path, PYTHONWARNINGS="ignore")
+    results = {}
+    for devices in (1, 2):
+        out = tmp_path / f"devices{devices}.pt"
+        command = [sys.executable, str(script), "--devices", str(devices), "--out", str(out)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=150)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[devices] = torch.load(out)
+    assert results[1]["steps"] == results[2]["steps"] == 4
+    for one, two in zip(results[1]["parameters"], results[2]["parameters"]):
+        torch.testing.assert_close(two, one, rtol=1e-10, atol=1e-12)
