@@ -51,7 +51,7 @@ from lightning_lrkfac.examples.data import MNIST1DDataModule, PythonDocsDataModu
 from lightning_lrkfac.examples.models import CNNClassifier, Conv1dClassifier, GPTLanguageModel, MLPClassifier
 
 from .common import RESULTS, device_record, print_table, pyplot, write_json
-from .step_rules import Method
+from .harness import Method
 from .training import StopAtTarget, accuracy, label, quiet_trainer, tensors
 
 SEEDS = 3

@@ -21,10 +21,11 @@ arm alike. Wall time counts training steps only, not the test evaluations.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +33,7 @@ from lightning_lrkfac import LowRankKFACCallback
 from lightning_lrkfac.examples.models import MLPAutoencoder, MLPClassifier
 
 from .common import RESULTS, device_record, plot_runs, print_table, pyplot, write_json
+from .harness import Method, Run
 from .training import (
     BATCH,
     StopAtTarget,
@@ -47,6 +49,10 @@ from .training import (
 
 @dataclass(frozen=True)
 class Task:
+    """A classifier or autoencoder on a small dataset; :meth:`run` is the harness's one run
+    (:class:`benchmarks.harness.Task`). ``batch``, ``budget`` (steps) and ``stop_at_target`` override the defaults:
+    the dataset's batch size, ``max_epochs``, and running to the end."""
+
     name: str
     data_name: str
     in_features: int
@@ -55,6 +61,34 @@ class Task:
     every: int
     regression: bool = False
     hidden: tuple[int, ...] = (256, 256)
+    batch: int | None = None
+    budget: int = -1
+    stop_at_target: bool = False
+
+    def at(self, batch: int, budget: int, every: int) -> Task:
+        """This task at another batch size and step budget, stopping at its target."""
+        return dataclasses.replace(self, batch=batch, budget=budget, every=every, stop_at_target=True)
+
+    def run(self, method: Method, config: dict, seed: int, device: torch.device) -> Run:
+        """One training run of ``method`` at ``config`` (its ``lr``, and the callback's options) on ``seed``."""
+        data = self.data(seed, self.batch)
+        test_x, test_y = tensors(data.test_set)
+        torch.manual_seed(seed)
+        model = self.model(method.optimizer, config["lr"], method.momentum)
+        score = negative_mse if self.regression else accuracy
+        tracker = (StopAtTarget if self.stop_at_target else TargetTracker)(
+            test_x, test_y, self.target, self.every, score=score
+        )
+        callbacks = [tracker]
+        if method.callback is not None:
+            options = {**method.callback, **{k: v for k, v in config.items() if k != "lr"}}
+            if options.get("fisher_type") == "mc":  # the likelihood of the task's loss
+                options["likelihood"] = "gaussian" if self.regression else "categorical"
+            callbacks.append(LowRankKFACCallback(log_stats=False, seed=seed, **options))
+        epochs = self.max_epochs if self.budget < 0 else -1
+        trainer = quiet_trainer(accelerator=device.type, max_epochs=epochs, max_steps=self.budget, callbacks=callbacks)
+        trainer.fit(model, data)
+        return Run(tracker.history, statistics.median(tracker.seconds))
 
     def data(self, seed: int, batch: int | None = None):
         return data_module(self.data_name, batch or BATCH[self.data_name], seed)
@@ -81,16 +115,6 @@ TASKS = [
 ]
 #: The tasks of a plain run; the wide one is run on its own (``--tasks mnist1d-w1024``: ~20 min on 2 cores).
 DEFAULT_TASKS = ["digits", "mnist1d", "digits-autoencoder"]
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    optimizer: str
-    momentum: float
-    callback: dict | None
-    grid: list[dict] = field(default_factory=list)
-    default: dict = field(default_factory=dict)
 
 
 def methods(quick: bool) -> list[Method]:
@@ -122,30 +146,17 @@ def one_run(
     max_steps: int = -1,
     stop_at_target: bool = False,
 ) -> dict:
-    """One training run; ``batch``/``max_steps`` override the task's batch size and epochs, ``stop_at_target`` ends it
-    at the target."""
-    data = task.data(seed, batch)
-    test_x, test_y = tensors(data.test_set)
-    torch.manual_seed(seed)
-    model = task.model(method.optimizer, config["lr"], method.momentum)
-    score = negative_mse if task.regression else accuracy
-    tracker = (StopAtTarget if stop_at_target else TargetTracker)(test_x, test_y, task.target, task.every, score=score)
-    callbacks = [tracker]
-    if method.callback is not None:
-        options = {**method.callback, **{k: v for k, v in config.items() if k != "lr"}}
-        if options.get("fisher_type") == "mc":  # the likelihood of the task's loss
-            options["likelihood"] = "gaussian" if task.regression else "categorical"
-        callbacks.append(LowRankKFACCallback(log_stats=False, seed=seed, **options))
-    epochs = task.max_epochs if max_steps < 0 else -1
-    trainer = quiet_trainer(accelerator=device.type, max_epochs=epochs, max_steps=max_steps, callbacks=callbacks)
-    trainer.fit(model, data)
+    """One training run as this script's record (:meth:`Task.run` with ``batch``/``max_steps``/``stop_at_target``)."""
+    task = dataclasses.replace(task, batch=batch, budget=max_steps, stop_at_target=stop_at_target)
+    run = task.run(method, config, seed, device)
+    steps, seconds = run.to_target(task.target)
     return {
-        "steps": tracker.steps_to_target or math.inf,
-        "seconds": tracker.seconds_to_target or math.inf,
-        "best": task.shown(tracker.best),
-        "final": task.shown(tracker.final),
-        "seconds_per_step": statistics.median(tracker.seconds),
-        "history": [(step, seconds, task.shown(value)) for step, seconds, value in tracker.history],
+        "steps": steps,
+        "seconds": seconds,
+        "best": task.shown(run.best),
+        "final": task.shown(run.final),
+        "seconds_per_step": run.seconds_per_step,
+        "history": [(step, elapsed, task.shown(value)) for step, elapsed, value in run.history],
     }
 
 
