@@ -9,24 +9,25 @@ to test MSE 0.045) at batch 100 and 1,000. Methods, each with a grid (rates shif
   Monte-Carlo Fisher for the factors (gaussian likelihood for the autoencoder); the grid is λ₀ (``damping``),
   the untuned default is the package's λ₀ = 1e-2.
 
-Every grid point runs seed 0 and stops at the target; each method's best point (fewest steps, then least time)
-and its default rerun on seeds 1 and 2; medians of the three. Wall time counts training steps only.
+The harness's sweep (:mod:`benchmarks.harness`): every grid point runs seed 0 and stops at the target; each
+method's best point and its default rerun on seeds 1 and 2 (``--quick``: seed 0 only); medians over the seeds.
+Wall time counts training steps only. ``ms/step`` is the mean over the run (training seconds over steps), so the
+steps that cost more (the first refresh) count as they do in the time to the target.
 
-    python -m benchmarks.automatic_step [--tasks ...] [--batches ...]
+    python -m benchmarks.automatic_step [--tasks ...] [--batches ...] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import statistics
 
 import torch
 
 from .common import device_record, print_table, write_json
-from .step_rules import DEFAULT_TASKS, TASKS, Method, Task, one_run
-from .training import label
+from .harness import Method, Run, Sweep, best_point, sweep
+from .step_rules import DEFAULT_TASKS, TASKS, Task
 
 BATCHES = (100, 1000)
 #: Steps allowed per task and batch size.
@@ -40,20 +41,22 @@ SEEDS = 3
 EVERY = 5
 AUTO = {"step_size": "auto", "kl_clip": None}
 DEFAULT_DAMPING = 1e-2
+#: The peers whose best time the automatic step is measured against.
+PEERS = ("sgd", "adam", "muon")
 
 
 def methods(batch: int) -> list[Method]:
     """Each method's grid at this batch size; ``default`` is the untuned configuration where one is defined."""
     shift = 1.0 if batch <= 100 else math.sqrt(10.0)
 
-    def rates(*values: float) -> list[dict]:
-        return [{"lr": round(v * shift, 4)} for v in values]
+    def rates(*values: float) -> tuple[dict, ...]:
+        return tuple({"lr": round(v * shift, 4)} for v in values)
 
-    dampings = [{"lr": 1.0, "damping": d} for d in (1e-3, 1e-2, 1e-1)]
+    dampings = tuple({"lr": 1.0, "damping": d} for d in (1e-3, 1e-2, 1e-1))
     auto_default = {"lr": 1.0, "damping": DEFAULT_DAMPING}
     return [
         Method("sgd", "sgd", 0.9, None, rates(0.03, 0.1, 0.3, 1.0)),
-        Method("adam", "adam", 0.0, None, [{"lr": lr} for lr in (1e-3, 3e-3, 1e-2, 3e-2)]),
+        Method("adam", "adam", 0.0, None, tuple({"lr": lr} for lr in (1e-3, 3e-3, 1e-2, 3e-2))),
         Method("muon", "muon", 0.0, None, rates(0.01, 0.03, 0.1, 0.3)),
         Method("kfac", "sgd", 0.9, {}, rates(0.03, 0.1, 0.3)),
         Method("auto", "sgd", 0.0, AUTO, dampings, auto_default),
@@ -61,42 +64,36 @@ def methods(batch: int) -> list[Method]:
     ]
 
 
-def median_of(runs: list[dict], config: dict, method: Method) -> dict:
-    return {
-        "method": method.name,
-        "config": label(config),
-        "reached": sum(math.isfinite(r["steps"]) for r in runs),
-        "steps": statistics.median(r["steps"] for r in runs),
-        "seconds": statistics.median(r["seconds"] for r in runs),
-        "ms/step": 1e3 * statistics.median(r["seconds_per_step"] for r in runs),
-    }
+def mean_ms_per_step(runs: list[Run]) -> float:
+    """Median over the seeds of each run's training seconds over its steps, in ms."""
+    return 1e3 * statistics.median(run.history[-1][1] / max(run.history[-1][0], 1) for run in runs)
 
 
-def measure(task: Task, batch: int, device: torch.device) -> list[dict]:
+def measure(task: Task, batch: int, seeds: int, device: torch.device) -> list[dict]:
     """The rows of one task and batch size: each method's best point and, where defined, its default."""
-    budget = BUDGETS[task.name][batch]
-    task = dataclasses.replace(task, every=EVERY)
-
-    def run(method: Method, config: dict, seed: int) -> dict:
-        return one_run(task, method, config, seed, device, batch=batch, max_steps=budget, stop_at_target=True)
-
+    task = task.at(batch, BUDGETS[task.name][batch], EVERY)
+    every_method = methods(batch)
+    result: Sweep = sweep([task], every_method, seeds, device, target=lambda t, _: t.target)
     rows = []
-    for method in methods(batch):
-        grid = {label(c): (c, [run(method, c, 0)]) for c in method.grid}
-        best = min(grid.values(), key=lambda entry: (entry[1][0]["steps"], entry[1][0]["seconds"]))
-        chosen = [("tuned", best)] + ([("default", grid[label(method.default)])] if method.default else [])
-        for kind, (config, runs) in chosen:
-            if len(runs) == 1:  # the default may be the best point: its seeds run once
-                runs += [run(method, config, seed) for seed in range(1, SEEDS)]
-            rows.append({"task": task.name, "batch": batch, "kind": kind, **median_of(runs, config, method)})
+    for method in every_method:
+        grid = result.rows(task.name, method, task.target)
+        chosen = [("tuned", best_point(grid))] + [("default", row) for row in grid if row["default"]]
+        for kind, row in chosen:
+            runs = result.runs[(task.name, method.name, row["config"])]
+            rows.append(
+                {
+                    "task": task.name, "batch": batch, "kind": kind, "method": method.name, "config": row["config"],
+                    "seeds": row["seeds"], "reached": row["reached"], "steps": row["steps"],
+                    "seconds": row["seconds"], "ms/step": mean_ms_per_step(runs),
+                }
+            )  # fmt: skip
         print(f"{task.name} batch {batch} {method.name}: {rows[-1]}", flush=True)
-    peers = [r for r in rows if r["method"] in ("sgd", "adam") and r["kind"] == "tuned"]
-    best_peer_steps = min(r["steps"] for r in peers)
-    best_peer_seconds = min(r["seconds"] for r in peers)
-    best_tuned_steps = min(r["steps"] for r in rows if r["kind"] == "tuned")
+    tuned = {row["method"]: row for row in rows if row["kind"] == "tuned"}
+    best_peer_seconds = min(tuned[m]["seconds"] for m in PEERS)
+    best_tuned_steps = min(row["steps"] for row in tuned.values())
     for row in rows:
-        row["steps / best of sgd, adam"] = row["steps"] / best_peer_steps
-        row["time / best of sgd, adam"] = row["seconds"] / best_peer_seconds
+        row["step cost / sgd"] = row["ms/step"] / tuned["sgd"]["ms/step"]
+        row["time / best of sgd, adam, muon"] = row["seconds"] / best_peer_seconds
         row["steps / best tuned"] = row["steps"] / best_tuned_steps
     return rows
 
@@ -106,16 +103,18 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tasks", nargs="*", default=DEFAULT_TASKS, choices=DEFAULT_TASKS)
     parser.add_argument("--batches", nargs="*", type=int, default=list(BATCHES))
+    parser.add_argument("--quick", action="store_true", help="seed 0 only (the grid)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    seeds = 1 if args.quick else SEEDS
     rows = []
     for task in [t for t in TASKS if t.name in args.tasks]:
         for batch in args.batches:
-            rows += measure(task, batch, device)
+            rows += measure(task, batch, seeds, device)
     print_table(rows, list(rows[0]))
     meta = {
         **device_record(device),
-        "seeds": SEEDS,
+        "seeds": seeds,
         "targets": {t.name: t.shown(t.target) for t in TASKS if t.name in args.tasks},
         "budgets": BUDGETS,
     }

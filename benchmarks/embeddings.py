@@ -1,6 +1,7 @@
 """Should embeddings be preconditioned by default? Steps and wall time to a next-token test accuracy on
 the GPT config (configs/sequences_gpt.yaml: 2 blocks, width 64, generated sequences), with
-``precondition_embeddings`` on and off, everything else as in the config; arms interleaved, 3 seeds.
+``precondition_embeddings`` on and off, everything else as in the config; the harness's sweep (one grid point
+each, the arms alternating, seeds outside), 3 seeds.
 
     python -m benchmarks.embeddings [--seeds 3] [--target 0.8]
 """
@@ -8,8 +9,8 @@ the GPT config (configs/sequences_gpt.yaml: 2 blocks, width 64, generated sequen
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
+from dataclasses import dataclass
 
 import torch
 
@@ -18,26 +19,36 @@ from lightning_lrkfac.examples.data import ArithmeticSequencesDataModule
 from lightning_lrkfac.examples.models import GPTLanguageModel
 
 from .common import device_record, print_table, write_json
+from .harness import Method, Run, sweep
 from .training import TargetTracker, quiet_trainer, tensors
 
 CALLBACK = dict(rank=16, damping=0.01, basis_update_interval=10, kl_clip=0.001, log_stats=False)
+#: The config's SGD rate and momentum; the two arms differ in ``precondition_embeddings`` alone.
+METHODS = [
+    Method(f"precondition_embeddings={on}", "sgd", 0.9, {**CALLBACK, "precondition_embeddings": on}, ({"lr": 0.3},))
+    for on in (False, True)
+]
 
 
-def one_run(embeddings: bool, seed: int, target: float, device: torch.device) -> dict:
-    data = ArithmeticSequencesDataModule(vocab_size=32, length=17, batch_size=64, seed=seed)
-    data.setup("fit")
-    test_x, test_y = tensors(data.test_set)
-    torch.manual_seed(seed)
-    model = GPTLanguageModel(vocab_size=32, context=16, width=64, depth=2, heads=4, lr=0.3, momentum=0.9)
-    tracker = TargetTracker(test_x, test_y, target, every=10)
-    callback = LowRankKFACCallback(precondition_embeddings=embeddings, seed=seed, **CALLBACK)
-    quiet_trainer(accelerator=device.type, max_epochs=5, callbacks=[tracker, callback]).fit(model, data)
-    return {
-        "steps": tracker.steps_to_target or math.inf,
-        "seconds": tracker.seconds_to_target or math.inf,
-        "final_accuracy": tracker.final,
-        "ms_per_step": 1e3 * statistics.median(tracker.seconds),
-    }
+@dataclass(frozen=True)
+class SequencesTask:
+    """The GPT config on generated arithmetic sequences, next-token test accuracy every 10 steps, 5 epochs."""
+
+    target: float
+    name: str = "sequences GPT"
+
+    def run(self, method: Method, config: dict, seed: int, device: torch.device) -> Run:
+        data = ArithmeticSequencesDataModule(vocab_size=32, length=17, batch_size=64, seed=seed)
+        data.setup("fit")
+        test_x, test_y = tensors(data.test_set)
+        torch.manual_seed(seed)
+        model = GPTLanguageModel(
+            vocab_size=32, context=16, width=64, depth=2, heads=4, lr=config["lr"], momentum=method.momentum
+        )
+        tracker = TargetTracker(test_x, test_y, self.target, every=10)
+        callback = LowRankKFACCallback(seed=seed, **method.callback)
+        quiet_trainer(accelerator=device.type, max_epochs=5, callbacks=[tracker, callback]).fit(model, data)
+        return Run(tracker.history, statistics.median(tracker.seconds))
 
 
 def main() -> None:
@@ -47,25 +58,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    results: dict[bool, list[dict]] = {True: [], False: []}
-    for seed in range(args.seeds):
-        for embeddings in (False, True):  # interleaved
-            results[embeddings].append(one_run(embeddings, seed, args.target, device))
-    rows = [
-        {
-            "precondition_embeddings": embeddings,
-            "reached": sum(math.isfinite(r["steps"]) for r in runs),
-            "median_steps": statistics.median(r["steps"] for r in runs),
-            "median_seconds": statistics.median(r["seconds"] for r in runs),
-            "median_final_accuracy": statistics.median(r["final_accuracy"] for r in runs),
-            "ms_per_step": statistics.median(r["ms_per_step"] for r in runs),
-        }
-        for embeddings, runs in results.items()
-    ]
+    task = SequencesTask(args.target)
+    result = sweep([task], METHODS, args.seeds, device, target=lambda t, _: t.target)
+    rows = [row for method in METHODS for row in result.rows(task.name, method, task.target)]
     print(f"\nsteps and training seconds to {args.target:.0%} next-token test accuracy (median of {args.seeds} seeds):")
     print_table(rows, list(rows[0]))
-    meta = {**device_record(device), "target": args.target, "seeds": args.seeds, "runs": results}
-    write_json("embeddings", meta, rows)
+    write_json("embeddings", {**device_record(device), "target": args.target, "seeds": args.seeds}, rows)
 
 
 if __name__ == "__main__":

@@ -271,29 +271,31 @@ AUTOMATIC_TASKS = {"digits": "digits", "mnist1d": "mnist1d", "digits-autoencoder
 
 
 def automatic_step_table() -> str:
-    """Per task and batch size: steps / seconds to the target of each method at its best point, the automatic step
-    at its best λ₀ and its default, and its ratios to the better of tuned SGD and Adam and to the best tuned method."""
+    """Per task and batch size: steps / seconds to the target of each method at its best point and of the automatic
+    step at its best λ₀ and its default; the automatic step's cost per step against SGD's, its time against the best
+    of tuned SGD, Adam and Muon, and its default's steps against the best tuned method."""
     by_key: dict[tuple[str, int], dict[tuple[str, str], dict[str, Any]]] = {}
     for row in _rows("automatic_step"):
         by_key.setdefault((row["task"], row["batch"]), {})[(row["method"], row["kind"])] = row
     rows = []
+    variants = ("auto", "auto-mc")
     for (task, batch), cells in by_key.items():
         tuned = [cells[(m, "tuned")] for m in ("sgd", "adam", "muon", "kfac")]
-        automatic = [cells[(m, k)] for m in ("auto", "auto-mc") for k in ("tuned", "default")]
+        automatic = [cells[(m, k)] for m in variants for k in ("tuned", "default")]
         rows.append(
             [
                 AUTOMATIC_TASKS[task],
                 f"{batch:,}",
                 *(_cell(row) for row in tuned + automatic),
-                " / ".join(_ratio(cells[(m, "tuned")]["steps / best of sgd, adam"]) for m in ("auto", "auto-mc")),
-                " / ".join(f"{_number(cells[(m, 'default')]['steps / best tuned'])}×" for m in ("auto", "auto-mc")),
-                " / ".join(_ratio(cells[(m, "default")]["time / best of sgd, adam"]) for m in ("auto", "auto-mc")),
+                " / ".join(f"{_number(cells[(m, 'tuned')]['step cost / sgd'], 1)}×" for m in variants),
+                " / ".join(_ratio(cells[(m, "tuned")]["time / best of sgd, adam, muon"]) for m in variants),
+                " / ".join(f"{_number(cells[(m, 'default')]['steps / best tuned'])}×" for m in variants),
             ]
         )
     header = [
         "task", "batch", "SGD", "Adam", "Muon", "`kfac` + SGD", "auto, best λ₀", "auto, default", "auto mc, best λ₀",
-        "auto mc, default", "best λ₀: steps / best of SGD, Adam (auto / mc)", "default: steps / best tuned",
-        "default: time / best of SGD, Adam",
+        "auto mc, default", "step cost / SGD's (auto / mc)", "best λ₀: time / best of SGD, Adam, Muon (auto / mc)",
+        "default: steps / best tuned (auto / mc)",
     ]  # fmt: skip
     return _table(header, rows)
 
@@ -336,6 +338,36 @@ def compile_table() -> str:
     return _table(["model", *keys], rows)
 
 
+def embeddings_table() -> str:
+    """Steps / seconds to the target and ms per step with ``precondition_embeddings`` off and on."""
+    rows = [
+        [f"`{row['method'].split('=')[1].lower()}`", f"{row['reached']} of {row['seeds']}", _cell(row),
+         _milliseconds(row["ms_per_step"]), f"{row['final']:.3f}"]
+        for row in _rows("embeddings")
+    ]  # fmt: skip
+    target = load("embeddings")["meta"]["target"]
+    header = [
+        "`precondition_embeddings`",
+        f"seeds reaching {target:.0%}",
+        "steps / seconds (median)",
+        "ms/step",
+        "final",
+    ]
+    return _table(header, rows)
+
+
+def automatic_profile_table() -> str:
+    """The phases of a step (ms) of SGD, the callback's default step and the automatic step, and the step's ratio."""
+    keys = ["forward ms", "before_backward ms", "backward ms", "engine step ms", "optimizer ms", "step ms"]
+    rows = [
+        [f"{row['batch']:,}", f"`{row['method']}`", *(f"{row[key]:.1f}" for key in keys), f"{row['step / sgd']:.1f}×"]
+        for row in _rows("automatic_profile")
+    ]
+    header = ["batch", "method", "forward", "graphs (before_backward)", "backward", "engine step", "optimizer",
+              "whole step (mean)", "step / SGD's"]  # fmt: skip
+    return _table(header, rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "README.md": readme_table,
     "README.md#main-job": main_job_sentence,
@@ -347,8 +379,10 @@ TABLES: dict[str, Callable[[], str]] = {
     "docs/benchmarks.md#layer-scaling": layer_scaling_table,
     "docs/benchmarks.md#approximation-quality": approximation_table,
     "docs/step-rules.md#automatic-step-size": automatic_step_table,
+    "docs/step-rules.md#automatic-step-size (profile)": automatic_profile_table,
     "docs/distributed.md#fsdp2": sharding_bytes_table,
     "docs/benchmarks.md#torchcompile": compile_table,
+    "docs/benchmarks.md#embeddings": embeddings_table,
 }
 
 
