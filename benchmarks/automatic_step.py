@@ -26,7 +26,7 @@ import statistics
 import torch
 
 from .common import device_record, print_table, write_json
-from .harness import Method, Run, Sweep, best_point, sweep
+from .harness import Method, Run, Sweep, sweep
 from .step_rules import DEFAULT_TASKS, TASKS, Task
 
 BATCHES = (100, 1000)
@@ -77,7 +77,7 @@ def measure(task: Task, batch: int, seeds: int, device: torch.device) -> list[di
     rows = []
     for method in every_method:
         grid = result.rows(task.name, method, task.target)
-        chosen = [("tuned", best_point(grid))] + [("default", row) for row in grid if row["default"]]
+        chosen = [("tuned", result.tuned(task.name, method, task.target))] + [("default", row) for row in grid if row["default"]]
         for kind, row in chosen:
             runs = result.runs[(task.name, method.name, row["config"])]
             rows.append(

@@ -1,7 +1,7 @@
 """Which callback defaults reach the accuracy target soonest in wall time? One option at a time is
 changed from the time-to-accuracy benchmark's tuned callback configuration (digits: lr 0.05;
 mnist1d: lr 0.2; damping 0.01, rank 16, isotropic tail, factors every step, bases every 10),
-3 seeds, median training seconds and steps to the target; candidates interleaved per seed.
+3 seeds (the harness's sweep), median training seconds and steps to the target; candidates alternating.
 
     python -m benchmarks.defaults
 """
@@ -9,15 +9,15 @@ mnist1d: lr 0.2; damping 0.01, rank 16, isotropic tail, factors every step, base
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 
 import torch
 
 from .common import device_record, print_table, write_json
-from .time_to_accuracy import TASKS, one_run
+from .harness import Method, sweep
+from .time_to_accuracy import TASKS
 
 TUNED = {"digits": {"lr": 0.05, "damping": 0.01}, "mnist1d": {"lr": 0.2, "damping": 0.01}}
+CALLBACK = {"rank": 16, "isotropic_tail": True}
 CANDIDATES = {
     "tuned": {},
     "factor_update_interval=3": {"factor_update_interval": 3},
@@ -39,26 +39,16 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cpu")
     rows = []
-    for task in TASKS:
-        results: dict[str, list[dict]] = {name: [] for name in CANDIDATES}
-        for seed in range(args.seeds):
-            for name, change in CANDIDATES.items():
-                results[name].append(one_run(task, "kfac", {**TUNED[task.name], **change}, seed, device))
-        baseline = statistics.median(r["seconds"] for r in results["tuned"])
-        for name, runs in results.items():
-            seconds = statistics.median(r["seconds"] for r in runs)
-            rows.append(
-                {
-                    "task": task.name,
-                    "candidate": name,
-                    "reached": sum(math.isfinite(r["steps"]) for r in runs),
-                    "median_steps": statistics.median(r["steps"] for r in runs),
-                    "median_seconds": seconds,
-                    "vs_tuned": seconds / baseline,
-                    "ms_per_step": 1e3 * statistics.median(r["seconds_per_step"] for r in runs),
-                }
-            )
-        print_table([r for r in rows if r["task"] == task.name], list(rows[0]))
+    for task in [t for t in TASKS if t.name in TUNED]:
+        candidates = [
+            Method(name, "sgd", 0.9, {**CALLBACK, **change}, ({**TUNED[task.name]},))
+            for name, change in CANDIDATES.items()
+        ]  # each one grid point: the sweep runs every candidate on every seed, the candidates alternating
+        result = sweep([task], candidates, args.seeds, device, target=lambda t, _: t.target)
+        summaries = [result.rows(task.name, method, task.target)[0] for method in candidates]
+        tuned = summaries[0]["seconds"]
+        rows += [{**row, "vs_tuned": row["seconds"] / tuned} for row in summaries]
+        print_table(rows[-len(summaries) :], list(rows[0]))
     print("\ntime to target of each one-option change, relative to the tuned configuration:")
     print_table(rows, list(rows[0]))
     write_json("defaults", {**device_record(device), "seeds": args.seeds, "tuned": TUNED}, rows)

@@ -99,6 +99,8 @@ class Sweep:
     """Every run of a benchmark, keyed by (task, method, config label), each a list over seeds."""
 
     runs: dict[tuple[str, str, str], list[Run]] = field(default_factory=dict)
+    #: The grid point (label) each (task, method) confirmed on the other seeds: its best on seed 0.
+    chosen: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def add(self, task: str, method: Method, config: dict, run: Run) -> None:
         self.runs.setdefault((task, method.name, label(config)), []).append(run)
@@ -110,6 +112,12 @@ class Sweep:
             for config in method.configs()
             if (task, method.name, label(config)) in self.runs
         ]
+
+    def tuned(self, task: str, method: Method, target: float) -> dict[str, Any]:
+        """The summary row of the method's tuned point: the one chosen on seed 0 and confirmed on the other seeds
+        (a point that ran on seed 0 alone is never picked over it because it had fewer seeds to miss with)."""
+        rows = self.rows(task, method, target)
+        return next(row for row in rows if row["config"] == self.chosen[(task, method.name)])
 
 
 def sweep(
@@ -139,6 +147,7 @@ def sweep(
         confirmed = {}
         for method in methods:
             best = best_point(result.rows(task.name, method, goal))
+            result.chosen[(task.name, method.name)] = best["config"]
             confirmed[method.name] = [c for c in method.configs() if label(c) == best["config"] or c == method.default]
         for seed in range(1, seeds):
             for method in methods:

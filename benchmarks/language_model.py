@@ -40,7 +40,7 @@ from lightning_lrkfac.examples.data import PythonDocsDataModule
 from lightning_lrkfac.examples.models import GPTLanguageModel
 
 from .common import RESULTS, device_record, plot_runs, print_table, pyplot, write_json
-from .harness import Method, Run, best_point, label, summary, sweep
+from .harness import Method, Run, label, summary, sweep
 from .training import TargetTracker, quiet_trainer
 
 CONTEXT, WIDTH, DEPTH, HEADS, VOCABULARY = 128, 128, 4, 4, 256
@@ -138,7 +138,7 @@ def main() -> None:
         for method in methods:
             grid = result.rows(task.name, method, deep)
             rows += [{"grid": row} for row in grid]
-            best = best_point(grid)["config"]
+            best = result.tuned(task.name, method, deep)["config"]
             runs = result.runs[(task.name, method.name, best)]
             curves.append({"curves": {"task": task.name, "method": method.name, "runs": [r.history for r in runs]}})
             for name, target in targets.items():

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import math
 import statistics
 from dataclasses import dataclass
 
@@ -33,14 +32,13 @@ from lightning_lrkfac import LowRankKFACCallback
 from lightning_lrkfac.examples.models import MLPAutoencoder, MLPClassifier
 
 from .common import RESULTS, device_record, plot_runs, print_table, pyplot, write_json
-from .harness import Method, Run
+from .harness import Method, Run, sweep
 from .training import (
     BATCH,
     StopAtTarget,
     TargetTracker,
     accuracy,
     data_module,
-    label,
     negative_mse,
     quiet_trainer,
     tensors,
@@ -136,44 +134,6 @@ def methods(quick: bool) -> list[Method]:
     ]
 
 
-def one_run(
-    task: Task,
-    method: Method,
-    config: dict,
-    seed: int,
-    device: torch.device,
-    batch: int | None = None,
-    max_steps: int = -1,
-    stop_at_target: bool = False,
-) -> dict:
-    """One training run as this script's record (:meth:`Task.run` with ``batch``/``max_steps``/``stop_at_target``)."""
-    task = dataclasses.replace(task, batch=batch, budget=max_steps, stop_at_target=stop_at_target)
-    run = task.run(method, config, seed, device)
-    steps, seconds = run.to_target(task.target)
-    return {
-        "steps": steps,
-        "seconds": seconds,
-        "best": task.shown(run.best),
-        "final": task.shown(run.final),
-        "seconds_per_step": run.seconds_per_step,
-        "history": [(step, elapsed, task.shown(value)) for step, elapsed, value in run.history],
-    }
-
-
-def summarize(task: Task, method: Method, config: dict, results: list[dict]) -> dict:
-    return {
-        "task": task.name,
-        "method": method.name,
-        "config": label(config),
-        "default": config == method.default,
-        "reached": sum(math.isfinite(r["steps"]) for r in results),
-        "median_steps": statistics.median(r["steps"] for r in results),
-        "median_seconds": statistics.median(r["seconds"] for r in results),
-        "ms_per_step": 1e3 * statistics.median(r["seconds_per_step"] for r in results),
-        "median_final": statistics.median(r["final"] for r in results),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smaller damping grid")
@@ -184,57 +144,37 @@ def main() -> None:
     device = torch.device(args.device)
     tasks = [t for t in TASKS if t.name in args.tasks]
     every_method = methods(args.quick)
-    results: dict[tuple[str, str, str], list[dict]] = {}
+    result = sweep(tasks, every_method, args.seeds, device, target=lambda t, _: t.target)
+    table, grid, curves = [], [], {}
     for task in tasks:
-        for seed in range(args.seeds):  # seeds outside, methods alternating inside: drift hits every arm
-            for method in every_method:
-                configs = method.grid + ([] if method.default in method.grid else [method.default])
-                for config in configs:
-                    run = one_run(task, method, config, seed, device)
-                    results.setdefault((task.name, method.name, label(config)), []).append(run)
-        print(f"{task.name}: done", flush=True)
-
-    rows, tuned, defaults, curves = [], {}, {}, {}
-    for task in tasks:
+        tuned, defaults = {}, {}
         for method in every_method:
-            configs = method.grid + ([] if method.default in method.grid else [method.default])
-            summaries = [summarize(task, method, c, results[(task.name, method.name, label(c))]) for c in configs]
-            rows += summaries
-            best = min(summaries, key=lambda s: (s["median_steps"], s["median_seconds"]))
-            tuned[(task.name, method.name)] = best
-            defaults[(task.name, method.name)] = next(s for s in summaries if s["default"])
-            curves[(task.name, method.name)] = [r["history"] for r in results[(task.name, method.name, best["config"])]]
-
-    table = []
-    for task in tasks:
-        baseline = [tuned[(task.name, m)] for m in ("sgd", "adam")]
-        best_steps = min(b["median_steps"] for b in baseline)
-        best_seconds = min(b["median_seconds"] for b in baseline)
+            rows = result.rows(task.name, method, task.target)
+            grid += [{"grid": row} for row in rows]
+            tuned[method.name] = result.tuned(task.name, method, task.target)
+            defaults[method.name] = next(row for row in rows if row["default"])
+            runs = result.runs[(task.name, method.name, tuned[method.name]["config"])]
+            curves[(task.name, method.name)] = [
+                [(step, seconds, task.shown(score)) for step, seconds, score in run.history] for run in runs
+            ]
+        best_steps = min(tuned[m]["steps"] for m in ("sgd", "adam"))
+        best_seconds = min(tuned[m]["seconds"] for m in ("sgd", "adam"))
         for method in every_method:
-            best, default = tuned[(task.name, method.name)], defaults[(task.name, method.name)]
+            best, default = tuned[method.name], defaults[method.name]
             table.append(
                 {
-                    "task": task.name,
-                    "method": method.name,
-                    "tuned config": best["config"],
-                    "reached": best["reached"],
-                    "steps": best["median_steps"],
-                    "seconds": best["median_seconds"],
-                    "ms/step": best["ms_per_step"],
-                    "steps / best baseline": best["median_steps"] / best_steps,
-                    "time / best baseline": best["median_seconds"] / best_seconds,
-                    "default steps": default["median_steps"],
-                    "default seconds": default["median_seconds"],
-                    "default / tuned time": default["median_seconds"] / best["median_seconds"],
+                    "task": task.name, "method": method.name, "tuned config": best["config"], "seeds": best["seeds"],
+                    "reached": best["reached"], "steps": best["steps"], "seconds": best["seconds"],
+                    "ms/step": best["ms_per_step"], "steps / best baseline": best["steps"] / best_steps,
+                    "time / best baseline": best["seconds"] / best_seconds, "default steps": default["steps"],
+                    "default seconds": default["seconds"], "default / tuned time": default["seconds"] / best["seconds"],
                 }
-            )
-    print("\nall grid points (median over seeds):")
-    print_table(rows, list(rows[0]))
+            )  # fmt: skip
     print("\nbest grid point per method and task; 'best baseline' is the better of tuned SGD and Adam:")
     print_table(table, list(table[0]))
     meta = {**device_record(device), "seeds": args.seeds, "targets": {t.name: t.shown(t.target) for t in tasks}}
     name = "step_rules" if args.tasks == DEFAULT_TASKS else "step_rules_" + "_".join(args.tasks)
-    write_json(name, meta, table + [{"grid": row} for row in rows])
+    write_json(name, meta, table + grid)
     plot(tasks, every_method, curves, name)
 
 
