@@ -121,7 +121,7 @@ def methods(quick: bool) -> list[Method]:
     curvature_grid = [{"lr": lr, "damping": d} for lr, d in itertools.product(lrs, dampings)]
     adam_lrs = [1e-3, 3e-3, 1e-2]
     soap_grid = [{"lr": lr} for lr in adam_lrs]
-    curvature_default = {"lr": 0.1, "damping": 1e-3}  # the package's damping, the examples' SGD rate
+    curvature_default = {"lr": 0.1, "damping": 1e-2}  # the package's damping, the examples' SGD rate
     return [
         Method("sgd", "sgd", 0.9, None, [{"lr": lr} for lr in lrs], {"lr": 0.1}),
         Method("adam", "adam", 0.0, None, [{"lr": lr} for lr in adam_lrs], {"lr": 1e-3}),
