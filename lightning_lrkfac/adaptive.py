@@ -7,11 +7,9 @@ the batch's loss h,
 
     M(−Vx) − h(θ) = ½ xᵀ(VᵀGV + λ VᵀV)x − xᵀVᵀg,   V = [P s],
 
-G the Gauss–Newton matrix. The model is refitted every T steps (and at the first step and after a rejection);
-between refits the last (α, μ) are reused and no graph is built. On a refit the reduction ratio
-ρ = (h(θ − s') − h(θ)) / (M₀(−s') − M₀(0)), with M₀ the undamped model, moves λ by ω = (19/20)^T: down when
-ρ > 3/4, up when ρ < 1/4. Every step, refit or not, a step that raised its own batch's loss (ρ < 0) is rejected:
-not taken, momentum reset, λ × 10, and the next step refits.
+G the Gauss–Newton matrix. Every T steps the reduction ratio ρ = (h(θ − s') − h(θ)) / (M₀(−s') − M₀(0)), with
+M₀ the undamped model, moves λ by ω = (19/20)^T: down when ρ > 3/4, up when ρ < 1/4. A step with ρ < 0 (it
+raised its own batch's loss) is rejected: not taken, momentum reset, λ × 10.
 
 G's products need no extra forward. Before the training backward, while the forward's graph lives, Jᵀu is
 built with its graph (u a zero tensor shaped like the prediction z), and so is H w' = ∂⟨∇_z h, w'⟩/∂z (w' a
@@ -174,6 +172,9 @@ class LevenbergMarquardt:
     def factor(self) -> float:
         return DECAY_PER_STEP**self.interval
 
+    def due(self, step: int) -> bool:
+        return (step + 1) % self.interval == 0
+
     def adapt(self, ratio: float) -> None:
         """Shrink λ when the model predicted the loss well (ρ > 3/4), grow it when poorly (ρ < 1/4 or not finite)."""
         if ratio > GOOD_RATIO:
@@ -205,9 +206,9 @@ def loss_at_update(params: Sequence[Tensor], loss_closure: Callable[[], Tensor |
 class AutomaticStep:
     """``step_size="auto"`` for one model: the Gauss–Newton products of the batch, the previous update s and λ.
 
-    :meth:`record` takes each micro-batch's loss and, on the steps that refit the model, the graphs of G's
-    products; :meth:`combine` turns the preconditioned gradients P (in ``.grad``) into αP + μs in place;
-    :meth:`adapt` tests the new point's loss and, on a refit, moves λ.
+    :meth:`record` takes each micro-batch's loss and predictions before its backward; :meth:`combine` turns
+    the preconditioned gradients P (in ``.grad``) into αP + μs in place; :meth:`adapt` moves λ from the loss
+    at the new point.
     """
 
     def __init__(
@@ -233,8 +234,6 @@ class AutomaticStep:
         self.ratio = math.nan
         #: Steps rejected so far (their loss rose).
         self.rejections = 0
-        #: The next step refits the model whatever the interval (set by a rejection).
-        self.refit_next = False
 
     @classmethod
     def for_model(cls, model: nn.Module, options: KFACOptions) -> AutomaticStep | None:
@@ -254,53 +253,30 @@ class AutomaticStep:
         if not self.previous:
             self.previous = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in self.params]
 
-    def refit_due(self, step: int) -> bool:
-        """Whether ``step`` refits α, μ and λ: every ``interval`` steps, the first step and the step after a rejection."""
-        return self.coefficients is None or self.refit_next or step % self.marquardt.interval == 0
-
-    def record(
-        self, loss: Tensor | None, predictions: Sequence[Tensor], scale: float | Tensor = 1.0, refit: bool = True
-    ) -> None:
-        """One micro-batch: its loss (summed into h) and, when the step ``refit``-s, the graphs of G's products."""
+    def record(self, loss: Tensor | None, predictions: Sequence[Tensor], scale: float | Tensor = 1.0) -> None:
+        """One micro-batch: its loss (summed into h) and the graphs of its Gauss–Newton products."""
         if loss is None:
             raise ValueError("LowRankKFAC.before_backward: `step_size`='auto' needs the loss: before_backward(loss)")
-        if refit and not predictions:
+        if not predictions:
             raise RuntimeError(
                 "step_size='auto': the prediction module's forward did not run with gradients before this backward; "
                 "name the module whose output is the prediction in `mc_output_module`"
             )
-        if refit:
-            self.products.add(loss, predictions, self.params, scale)
+        self.products.add(loss, predictions, self.params, scale)
         value = loss.detach().to(torch.float64) / scale
         self.loss = value if self.loss is None else self.loss + value
 
     @property
     def recorded(self) -> bool:
-        return self.loss is not None
+        return bool(self.products)
 
-    def combine(self, raw_grads: Sequence[Tensor | None] | None, finite: Tensor | None = None) -> None:
-        """``.grad`` (P) ← αP + μs, and s ← that. With G's products recorded (a refit), α, μ minimise the model for
-        ``raw_grads``, the gradients before preconditioning (g); without, the last α, μ are reused.
+    def combine(self, raw_grads: Sequence[Tensor | None], finite: Tensor | None = None) -> None:
+        """``.grad`` (P) ← αP + μs, and s ← that; ``raw_grads`` are the gradients before preconditioning (g).
 
         ``finite`` False (AMP skips the step): s stays as it was.
         """
         self.build()
         grads = [p.grad for p in self.params]
-        if self.products:
-            alpha, mu = self._fit(grads, raw_grads)
-        else:
-            alpha, mu = self.coefficients.to(self.params[0].device)
-            self.predicted_change = None
-        for grad, previous in zip(grads, self.previous):
-            if grad is None:  # no update of this parameter this step
-                previous.zero_() if finite is None else previous.mul_(~finite)
-                continue
-            grad.mul_(alpha.to(grad.dtype)).addcmul_(previous, mu.to(grad.dtype))
-            previous.copy_(grad if finite is None else torch.where(finite, grad, previous))
-        self.coefficients = torch.stack([alpha, mu])
-
-    def _fit(self, grads: Sequence[Tensor | None], raw_grads: Sequence[Tensor | None]) -> tuple[Tensor, Tensor]:
-        """(α, μ) minimising the damped model on span [P s] (only P at the first step); keeps its predicted change."""
         vectors = [grads] + ([self.previous] if self.coefficients is not None else [])
         device = self.params[0].device
         gram = self.products.gram(vectors, device)
@@ -308,40 +284,40 @@ class AutomaticStep:
             self.average([gram])
         overlaps = _symmetric([[_inner(u, v, device) for v in vectors[: i + 1]] for i, u in enumerate(vectors)])
         gradient_products = torch.stack([_inner(v, raw_grads, device) for v in vectors])
-        x, self.predicted_change = step_coefficients(gram, overlaps, gradient_products, self.marquardt.damping)
-        return x[0], x[1] if len(x) > 1 else torch.zeros_like(x[0])
+        x, change = step_coefficients(gram, overlaps, gradient_products, self.marquardt.damping)
+        alpha = x[0]
+        mu = x[1] if len(x) > 1 else torch.zeros_like(alpha)
+        for grad, previous in zip(grads, self.previous):
+            if grad is None:  # no update of this parameter this step
+                previous.zero_() if finite is None else previous.mul_(~finite)
+                continue
+            grad.mul_(alpha.to(grad.dtype)).addcmul_(previous, mu.to(grad.dtype))
+            previous.copy_(grad if finite is None else torch.where(finite, grad, previous))
+        self.coefficients = torch.stack([alpha, mu])
+        self.predicted_change = change
 
     def adapt(self, new_loss: float) -> bool:
-        """Test the new point; on a refit, λ from ρ = (h(θ − s) − h(θ)) / (M₀(−s) − M₀(0)). One host sync.
-        Returns whether the step stands.
+        """λ from ρ = (h(θ − s) − h(θ)) / (M₀(−s) − M₀(0)); one host sync. Returns whether the step stands.
 
-        A step that raised its own batch's loss (ρ < 0 on a refit; a higher loss with reused α, μ; anything not
-        finite) is rejected: ``.grad`` and s become zero, so the optimizer does not move, λ grows by
-        ``rejection_factor`` and the next step refits.
+        A step that raised its own batch's loss (ρ < 0, or anything not finite) is rejected: ``.grad`` and s
+        become zero, so the optimizer does not move, and λ grows by ``rejection_factor``.
         """
         losses = torch.stack(
             [self.loss.to(torch.float64), torch.tensor(new_loss, dtype=torch.float64, device=self.loss.device)]
         )
         if self.average is not None:
             self.average([losses])
-        old, new_loss = losses.tolist()
-        self.refit_next = False
-        if self.predicted_change is None:  # reused α, μ: no model to compare with, only the loss itself
-            if new_loss <= old:
-                return True
-        else:
-            predicted = float(self.predicted_change)
-            self.ratio = (new_loss - old) / predicted if predicted < 0 else math.nan
-            if self.ratio >= 0:
-                self.marquardt.adapt(self.ratio)
-                return True
+        (old, new_loss), predicted = losses.tolist(), float(self.predicted_change)
+        self.ratio = (new_loss - old) / predicted if predicted < 0 else math.nan
+        if self.ratio >= 0:
+            self.marquardt.adapt(self.ratio)
+            return True
         for param, previous in zip(self.params, self.previous):
             previous.zero_()
             if param.grad is not None:
                 param.grad.zero_()
         self.marquardt.reject()
         self.rejections += 1
-        self.refit_next = True
         return False
 
     def step(
@@ -349,20 +325,19 @@ class AutomaticStep:
         precondition: Callable[[], None] | None,
         finite: Tensor | None,
         loss_closure: Callable[[], Tensor | float | None] | None,
+        step: int,
     ) -> None:
         """P = ``precondition()``'s direction in ``.grad`` (the plain gradient while it is None: no factors yet),
-        then αP + μs into ``.grad``; with a closure, the loss at the new point tests the step (and moves λ on a
-        refit)."""
+        then αP + μs into ``.grad``; on the adaptation steps, λ from the loss at the new point."""
         if not self.recorded:
             raise RuntimeError(
                 "LowRankKFAC: step_size='auto' needs `before_backward(loss)` between the forward and `backward()`"
             )
-        refit = bool(self.products)
-        raw = [None if p.grad is None else p.grad.detach().clone() for p in self.params] if refit else None
+        raw = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
         if precondition is not None:
             precondition()
         self.combine(raw, finite)
-        if loss_closure is not None:
+        if loss_closure is not None and self.marquardt.due(step):
             new_loss = loss_at_update(self.params, loss_closure)
             if new_loss is not None:
                 self.adapt(new_loss)  # a rejected step leaves .grad zero: the optimizer stays
@@ -386,20 +361,15 @@ class AutomaticStep:
         self.loss = None
 
     def state_tensors(self) -> dict[str, Tensor]:
-        """λ, s, and the α, μ that the steps until the next refit reuse (NaN before the first step)."""
         self.build()
-        coefficients = torch.full((2,), math.nan, dtype=torch.float64) if self.coefficients is None else self.coefficients
-        return {
-            "damping": torch.tensor(self.marquardt.damping, dtype=torch.float64),
-            "coefficients": coefficients.detach().to("cpu", torch.float64),
-            "refit_next": torch.tensor(self.refit_next),
-        } | {f"previous.{index}": tensor for index, tensor in enumerate(self.previous)}
+        started = torch.tensor(self.coefficients is not None)
+        return {"damping": torch.tensor(self.marquardt.damping, dtype=torch.float64), "started": started} | {
+            f"previous.{index}": tensor for index, tensor in enumerate(self.previous)
+        }
 
     def load_state_tensors(self, state: dict[str, Tensor]) -> None:
         self.build()
         self.marquardt.damping = float(state["damping"])
         for index, tensor in enumerate(self.previous):
             tensor.copy_(state[f"previous.{index}"])
-        coefficients = state["coefficients"].to(torch.float64)
-        self.coefficients = None if coefficients.isnan().any() else coefficients.to(self.params[0].device)
-        self.refit_next = bool(state["refit_next"])
+        self.coefficients = torch.zeros(2, dtype=torch.float64) if bool(state["started"]) else None

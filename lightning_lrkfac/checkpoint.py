@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .options import KFACOptions
     from .step_rules import StepRule
 
-STATE_VERSION = 4
+STATE_VERSION = 3
 STATE_KEYS = (
     "version", "options", "steps", "prepared_damping", "layers", "generator", "mc_generator", "skipped_updates",
     "skipped_steps",

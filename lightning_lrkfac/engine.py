@@ -160,7 +160,7 @@ class LowRankKFAC:
         Gauss–Newton products through the prediction (``loss`` required). No-op when neither is on."""
         self.build()
         if self.automatic is not None:
-            self.automatic.record(loss, self.capture.predictions, loss_scale, self.automatic.refit_due(self.steps))
+            self.automatic.record(loss, self.capture.predictions, loss_scale)
         if not (self.options.fisher_type == "mc" and self.capture.enabled):
             self.capture.predictions.clear()  # whatever was recorded for the automatic step is in its graphs now
             return
@@ -237,7 +237,7 @@ class LowRankKFAC:
         apply = partial(precondition_layers, self.layers, self.rules, self.assignment, self.sharding, damping)
         direction = partial(apply, None, None, grads_finite) if applied else None  # the rule's, no clip
         if self.automatic is not None:  # then αP + μs
-            self.automatic.step(direction, grads_finite, loss_closure)
+            self.automatic.step(direction, grads_finite, loss_closure, step)
         elif self.normalized is not None:  # of the momentum, then each layer's norm set
             self.normalized.step(direction, grads_finite, self.comm)
         elif applied:

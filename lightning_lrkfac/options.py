@@ -122,9 +122,8 @@ class KFACOptions:
         "`optimizer`: the optimizer's learning rate and momentum scale the direction; `auto`: every step is αP + μs "
         "(P the direction, s the previous step) with α, μ minimising the exact Gauss–Newton quadratic model of the "
         "batch's loss, and `damping` (its start) adapts by Levenberg–Marquardt (Martens & Grosse 2015, §6–7). For "
-        "`auto` use torch.optim.SGD(lr=1, momentum=0) and kl_clip null; a refit (every `damping_adaptation_interval` "
-        "steps) costs a backward with its graph and two Jacobian products (no extra forward), and every step with a "
-        "loss closure a forward on the same batch; "
+        "`auto` use torch.optim.SGD(lr=1, momentum=0) and kl_clip null; it costs a backward with its graph and two "
+        "Jacobian products per step (no extra forward), and a forward on the same batch each adaptation; "
         "`normalized`: the direction is the step rule's on a Nesterov momentum (`momentum`) of each handled layer's "
         "gradient, and each layer's update [W b] has a set norm (`update_norm`), as Muon's has; use "
         "torch.optim.SGD(lr, momentum=0) (its weight_decay is then decoupled) or lightning_lrkfac.optim.KFACWithAdamW "
@@ -142,10 +141,8 @@ class KFACOptions:
     )
     damping_adaptation_interval: int = option(
         1,
-        "for `auto`: steps T between refits of the quadratic model (G's products, α, μ, and λ moved by "
-        "Levenberg–Marquardt's ω = (19/20)^T); the steps between reuse the last α, μ and build no graph. Every "
-        "step, a step that raised its batch's loss (a forward on the same batch) is not taken: λ × 10, and the next "
-        "step refits",
+        "for `auto`: steps T between evaluations of the loss at the new point (a forward on the same batch): "
+        "Levenberg–Marquardt moves λ by ω = (19/20)^T, and a step that raised the loss is not taken (λ × 10)",
         POSITIVE_INT,
     )
     min_damping: float = option(1e-6, "for `auto`: the floor of the adapted λ", POSITIVE)

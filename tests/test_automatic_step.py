@@ -164,74 +164,7 @@ def test_levenberg_marquardt_rule():
     for _ in range(40):
         rule.adapt(1.0)
     assert rule.damping == 1e-3
-
-
-def test_the_model_is_refitted_every_interval_at_the_first_step_and_after_a_rejection():
-    step = AutomaticStep(list(small_model().parameters()), 1e-2, interval=3, minimum=1e-8)
-    assert step.refit_due(5), "no α, μ yet: the first step refits whatever its number"
-    step.coefficients = torch.tensor([1.0, 0.5], dtype=torch.float64)
-    assert [step.refit_due(n) for n in range(7)] == [True, False, False, True, False, False, True]
-    step.refit_next = True  # what a rejection sets
-    assert step.refit_due(4)
-
-
-def test_between_refits_the_last_alpha_and_mu_are_reused_without_graphs():
-    """A step that does not refit: .grad ← αP + μs with the refit's α, μ exactly, and the loss's graph is freed by
-    its backward (nothing kept it for G's products)."""
-    model = small_model()
-    x, y = data("ce")
-    params = list(model.parameters())
-    step = AutomaticStep(params, 1e-2, interval=3, minimum=1e-8)
-    for index in range(2):  # two refits: the second has s, so μ ≠ 0
-        assert step.refit_due(index) == (index == 0)
-        loss, prediction = loss_and_prediction(model, x + 0.1 * index, y, "ce")
-        step.record(loss, [prediction], refit=True)
-        loss.backward()
-        step.combine([p.grad.clone() for p in params])
-        step.end_step()
-        with torch.no_grad():
-            for p in params:
-                p.sub_(p.grad)
-                p.grad = None
-    previous = [s.clone() for s in step.previous]
-    alpha, mu = step.coefficients.clone()
-    assert mu != 0
-    loss, prediction = loss_and_prediction(model, x + 0.2, y, "ce")
-    assert not step.refit_due(2)
-    step.record(loss, [prediction], refit=False)
-    loss.backward()
-    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
-        loss.backward()  # no graph was retained for products that this step does not compute
-    gradient = [p.grad.clone() for p in params]
-    step.combine(None)
-    for p, g, s in zip(params, gradient, previous):
-        torch.testing.assert_close(p.grad, alpha.to(g.dtype) * g + mu.to(g.dtype) * s, rtol=1e-12, atol=0)
-    assert torch.equal(step.coefficients, torch.stack([alpha, mu])) and step.predicted_change is None
-    assert all(torch.equal(s, p.grad) for s, p in zip(step.previous, params)), "s is the new update"
-
-
-def test_a_reused_step_that_raises_its_batch_loss_is_rejected_and_the_next_step_refits():
-    model = small_model()
-    x, y = data("ce")
-    params = list(model.parameters())
-    step = AutomaticStep(params, 1e-2, interval=10, minimum=1e-8)
-    for index in range(2):
-        loss, prediction = loss_and_prediction(model, x, y, "ce")
-        step.record(loss, [prediction], refit=step.refit_due(index))
-        loss.backward()
-        step.combine([p.grad.clone() for p in params] if index == 0 else None)
-        if index == 0:
-            assert step.adapt(float(loss) - 1.0)  # a refit whose step lowered the loss stands
-            step.end_step()
-            for p in params:
-                p.grad = None
-    damping = step.marquardt.damping
-    assert step.predicted_change is None, "step 1 reused α, μ"
-    assert not step.adapt(float(loss) + 1.0)
-    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params), "the optimizer must not move"
-    assert all(torch.equal(s, torch.zeros_like(s)) for s in step.previous), "momentum restarts"
-    assert step.marquardt.damping == pytest.approx(10 * damping) and step.rejections == 1
-    assert step.refit_due(2), "the step after a rejection refits"
+    assert [rule.due(step) for step in range(6)] == [False, False, False, False, True, False]
 
 
 def test_a_step_that_raises_its_batch_loss_is_rejected():
@@ -280,34 +213,29 @@ def run_engine(steps: int, closure: bool = True, **options):
         optimizer.step()
         records[-1]["loss"], records[-1]["ratio"] = float(loss.detach()), kfac.automatic.ratio
         records[-1]["damping"] = kfac.automatic.marquardt.damping
-        records[-1]["refit"] = kfac.automatic.predicted_change is not None
-        records[-1]["rejections"] = kfac.automatic.rejections
     return model, kfac, x, y, records
 
 
 def test_engine_ratio_is_the_loss_change_over_the_model_change():
-    """ρ against the loss at the new point and the undamped quadratic model from per-example Jacobians, on the
-    refit of step 2 (T = 2); step 1 reuses step 0's α, μ and leaves λ and ρ as they were."""
+    """ρ against the loss at the new point and the undamped quadratic model from per-example Jacobians."""
     interval = 2
-    model, kfac, x, y, records = run_engine(3, damping_adaptation_interval=interval)
+    model, kfac, x, y, records = run_engine(4, damping_adaptation_interval=interval)
     assert all(r["params_restored"] for r in records), "the closure's evaluation must leave the parameters exact"
-    # replay: the parameters before step 2 (index 2) are the final ones plus its update
-    theta_before = flat(p.detach() for p in model.parameters()) + records[2]["update"]
+    # replay: the parameters before step 3 (index 3) are the final ones plus its update
+    theta_before = flat(p.detach() for p in model.parameters()) + records[3]["update"]
     probe = copy.deepcopy(model)
     torch.nn.utils.vector_to_parameters(theta_before, probe.parameters())
     G = dense_gauss_newton(probe, x, cross_entropy_hessian)
-    update = records[2]["update"]
-    predicted = 0.5 * update @ G @ update - update @ records[2]["raw"]
+    update = records[3]["update"]
+    predicted = 0.5 * update @ G @ update - update @ records[3]["raw"]
     with torch.no_grad():
         new_loss = float(F.cross_entropy(model(x), y))
-    expected_ratio = (new_loss - records[2]["loss"]) / float(predicted)
-    assert records[2]["ratio"] == pytest.approx(expected_ratio, rel=1e-9)
+    expected_ratio = (new_loss - records[3]["loss"]) / float(predicted)
+    assert records[3]["ratio"] == pytest.approx(expected_ratio, rel=1e-9)
     omega = (19 / 20) ** interval
     factor = omega if expected_ratio > 0.75 else (1 / omega if expected_ratio < 0.25 else 1.0)
-    assert records[2]["damping"] == pytest.approx(records[1]["damping"] * factor, rel=1e-12)
-    assert [r["refit"] for r in records] == [True, False, True]
-    rejected = records[1]["rejections"] - records[0]["rejections"]  # reused α, μ raised this batch's loss: λ × 10
-    assert records[1]["damping"] == pytest.approx(records[0]["damping"] * 10**rejected, rel=1e-12)
+    assert records[3]["damping"] == pytest.approx(records[2]["damping"] * factor, rel=1e-12)
+    assert math.isnan(records[0]["ratio"]) and records[0]["damping"] == 1e-2  # step 0 does not adapt (T = 2)
 
 
 def test_engine_update_is_stationary_for_the_damped_model_in_its_span():
@@ -326,7 +254,6 @@ def test_engine_update_is_stationary_for_the_damped_model_in_its_span():
 
 def test_engine_state_dict_round_trip_keeps_the_previous_update_and_damping():
     model, kfac, *_ = run_engine(5, damping_adaptation_interval=1)
-    kfac.automatic.refit_next = True  # as after a rejection
     state = kfac.state_dict()
     fresh = LowRankKFAC(
         copy.deepcopy(model), **{**AUTO, "dense_threshold": 100, "damping": 1e-2, "damping_adaptation_interval": 1}
@@ -335,8 +262,7 @@ def test_engine_state_dict_round_trip_keeps_the_previous_update_and_damping():
     fresh.build()
     assert fresh.automatic.marquardt.damping == kfac.automatic.marquardt.damping != 1e-2
     assert all(torch.equal(a, b) for a, b in zip(fresh.automatic.previous, kfac.automatic.previous))
-    assert torch.equal(fresh.automatic.coefficients, kfac.automatic.coefficients), "the α, μ that the next steps reuse"
-    assert fresh.automatic.refit_next
+    assert fresh.automatic.coefficients is not None
     state["automatic"].pop("damping")
     with pytest.raises(ValueError, match="automatic.damping"):
         LowRankKFAC(copy.deepcopy(model), **{**AUTO, "dense_threshold": 100}).load_state_dict(state)
