@@ -77,7 +77,9 @@ def measure(task: Task, batch: int, seeds: int, device: torch.device) -> list[di
     rows = []
     for method in every_method:
         grid = result.rows(task.name, method, task.target)
-        chosen = [("tuned", result.tuned(task.name, method, task.target))] + [("default", row) for row in grid if row["default"]]
+        chosen = [("tuned", result.tuned(task.name, method, task.target))] + [
+            ("default", row) for row in grid if row["default"]
+        ]
         for kind, row in chosen:
             runs = result.runs[(task.name, method.name, row["config"])]
             rows.append(

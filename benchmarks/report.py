@@ -356,6 +356,23 @@ def embeddings_table() -> str:
     return _table(header, rows)
 
 
+def _defaults_cell(row: dict[str, Any]) -> str:
+    if not math.isfinite(row["steps"]):
+        return f"never ({row['reached']} of {row['seeds']} seeds)"
+    return f"{_steps(row['steps'])} steps, {_number(row['vs_tuned'])}×"
+
+
+def defaults_table() -> str:
+    """Per one-option change from the tuned callback configuration: median steps and time to the target relative to
+    the tuned configuration, per task."""
+    cells: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in _rows("defaults"):
+        cells.setdefault(row["method"], {})[row["task"]] = row
+    tasks = list(next(iter(cells.values())))
+    rows = [[name, *(_defaults_cell(by_task[t]) for t in tasks)] for name, by_task in cells.items()]
+    return _table(["change", *(f"{t}: steps, time / tuned" for t in tasks)], rows)
+
+
 STEP_RULE_METHODS = {
     "sgd": "SGD + momentum", "adam": "Adam", "kfac": "`kfac`", "ekfac": "`ekfac`",
     "kfac-mc": "`kfac`, `fisher_type: mc`", "ekfac-mc": "`ekfac`, `fisher_type: mc`", "soap": "`soap`",
@@ -420,6 +437,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "docs/distributed.md#fsdp2": sharding_bytes_table,
     "docs/benchmarks.md#torchcompile": compile_table,
     "docs/benchmarks.md#embeddings": embeddings_table,
+    "docs/benchmarks.md#defaults": defaults_table,
 }
 
 
