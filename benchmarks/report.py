@@ -420,6 +420,13 @@ def automatic_profile_table() -> str:
     return _table(header, rows)
 
 
+def compile_passes_table() -> str:
+    """The forward and backward alone (ms) of each arm of ``python -m benchmarks.compile``."""
+    keys = ["forward+backward ms: eager", "eager + callback", "compiled", "compiled + callback"]
+    rows = [[row["model"], *(f"{row[key]:.1f}" for key in keys)] for row in _rows("compile")]
+    return _table(["model", "forward + backward: eager", "eager + callback", "compiled", "compiled + callback"], rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "README.md": readme_table,
     "README.md#main-job": main_job_sentence,
@@ -436,6 +443,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "docs/step-rules.md#automatic-step-size (profile)": automatic_profile_table,
     "docs/distributed.md#fsdp2": sharding_bytes_table,
     "docs/benchmarks.md#torchcompile": compile_table,
+    "docs/benchmarks.md#torchcompile (passes)": compile_passes_table,
     "docs/benchmarks.md#embeddings": embeddings_table,
     "docs/benchmarks.md#defaults": defaults_table,
 }
