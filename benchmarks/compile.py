@@ -81,9 +81,9 @@ def main() -> None:
             "compile speed-up with the callback": ms[(False, True)] / ms[(True, True)],
             "callback / plain, compiled": ms[(True, True)] / ms[(True, False)],
             "forward+backward ms: eager": passes[(False, False)],
-            "eager + callback": passes[(False, True)],
-            "compiled": passes[(True, False)],
-            "compiled + callback": passes[(True, True)],
+            "forward+backward ms: eager + callback": passes[(False, True)],
+            "forward+backward ms: compiled": passes[(True, False)],
+            "forward+backward ms: compiled + callback": passes[(True, True)],
         }
     ]
     print_table(rows, list(rows[0]))

@@ -46,7 +46,7 @@ def main() -> None:
         ]  # each one grid point: the sweep runs every candidate on every seed, the candidates alternating
         result = sweep([task], candidates, args.seeds, device, target=lambda t, _: t.target)
         summaries = [result.rows(task.name, method, task.target)[0] for method in candidates]
-        tuned = summaries[0]["seconds"]
+        tuned = next(row["seconds"] for row in summaries if row["method"] == "tuned")
         rows += [{**row, "vs_tuned": row["seconds"] / tuned} for row in summaries]
         print_table(rows[-len(summaries) :], list(rows[0]))
     print("\ntime to target of each one-option change, relative to the tuned configuration:")

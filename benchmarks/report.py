@@ -362,13 +362,18 @@ def _defaults_cell(row: dict[str, Any]) -> str:
     return f"{_steps(row['steps'])} steps, {_number(row['vs_tuned'])}×"
 
 
+def _by_method_and_task(name: str) -> tuple[dict[str, dict[str, dict[str, Any]]], list[str]]:
+    """A result's summary rows as method → task → row, and the tasks in the order they ran."""
+    cells: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in _rows(name):
+        cells.setdefault(row["method"], {})[row["task"]] = row
+    return cells, list(next(iter(cells.values())))
+
+
 def defaults_table() -> str:
     """Per one-option change from the tuned callback configuration: median steps and time to the target relative to
     the tuned configuration, per task."""
-    cells: dict[str, dict[str, dict[str, Any]]] = {}
-    for row in _rows("defaults"):
-        cells.setdefault(row["method"], {})[row["task"]] = row
-    tasks = list(next(iter(cells.values())))
+    cells, tasks = _by_method_and_task("defaults")
     rows = [[name, *(_defaults_cell(by_task[t]) for t in tasks)] for name, by_task in cells.items()]
     return _table(["change", *(f"{t}: steps, time / tuned" for t in tasks)], rows)
 
@@ -396,10 +401,7 @@ def _step_rule_cell(row: dict[str, Any]) -> str:
 def step_rules_table(name: str = "step_rules") -> str:
     """Per method: each task's best grid point against the better of tuned SGD and Adam, and the untuned default's
     time over the tuned one's."""
-    cells: dict[str, dict[str, dict[str, Any]]] = {}
-    for row in _rows(name):
-        cells.setdefault(row["method"], {})[row["task"]] = row
-    tasks = list(next(iter(cells.values())))
+    cells, tasks = _by_method_and_task(name)
     rows = []
     for method, by_task in cells.items():
         defaults = " / ".join(_number(by_task[t]["default / tuned time"]) for t in tasks)
@@ -422,8 +424,8 @@ def automatic_profile_table() -> str:
 
 def compile_passes_table() -> str:
     """The forward and backward alone (ms) of each arm of ``python -m benchmarks.compile``."""
-    keys = ["forward+backward ms: eager", "eager + callback", "compiled", "compiled + callback"]
-    rows = [[row["model"], *(f"{row[key]:.1f}" for key in keys)] for row in _rows("compile")]
+    arms = ["eager", "eager + callback", "compiled", "compiled + callback"]
+    rows = [[row["model"], *(f"{row[f'forward+backward ms: {arm}']:.1f}" for arm in arms)] for row in _rows("compile")]
     return _table(["model", "forward + backward: eager", "eager + callback", "compiled", "compiled + callback"], rows)
 
 

@@ -9,11 +9,10 @@ Methods (each inside the same Lightning loop, MLPs at width 256):
 
 Tasks: digits and mnist1d classification (test accuracy) and a deep autoencoder on digits
 (MSE regression, test reconstruction error); on request (``--tasks mnist1d-w1024``) also
-time_to_accuracy's wide task, mnist1d with an MLP of width 1024. Every method has a grid; each grid point runs
-3 seeds; the best point has the fewest median steps to the target (ties: less time). Each
-method also has one default configuration, fixed for all tasks (the AlgoPerf self-tuning
-view). Seeds are the outer loop and methods alternate inside it, so machine drift hits every
-arm alike. Wall time counts training steps only, not the test evaluations.
+time_to_accuracy's wide task, mnist1d with an MLP of width 1024. Every method has a grid and one default
+configuration, fixed for all tasks (the AlgoPerf self-tuning view). The harness's sweep: every grid point on seed 0
+with the methods alternating, then each method's best point (:func:`benchmarks.harness.best_point`) and its default
+on seeds 1 and 2, seeds outside. Wall time counts training steps only, not the test evaluations.
 
     python -m benchmarks.step_rules [--quick]
 """
