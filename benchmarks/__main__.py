@@ -1,6 +1,6 @@
 """Run every benchmark: ``python -m benchmarks [--quick] [--only NAME ...]``, or the GPU check: ``--gpu``.
 
---quick (about 2 hours on 2 CPU cores, 45 minutes of them batch_scaling, which has no quick mode) shrinks sizes,
+--quick (about 2 hours on 2 CPU cores, about 25 minutes of them batch_scaling) shrinks sizes, seeds,
 grids and repeats; without it the scripts run their full settings (meant for a GPU). Each writes JSON and PNG to
 benchmarks/results/ and prints its table. --gpu runs benchmarks/gpu.py: the CUDA tests and
 the GPU step-ratio and layer-scaling checks, into benchmarks/results/gpu/.
@@ -24,7 +24,7 @@ BENCHMARKS = {
     "step_rules": True,
     "automatic_step": True,
     "automatic_profile": False,
-    "batch_scaling": False,
+    "batch_scaling": True,
     "language_model": True,
     "sharding_bytes": False,
     "main_job": False,

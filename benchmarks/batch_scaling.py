@@ -7,28 +7,31 @@ Tasks (``--tasks``), each at 4 batch sizes 32× apart:
 - ``lm``: the byte GPT of ``benchmarks.language_model`` on the Python docs, validation loss 2.8 (slow: run
   it on its own, ``--tasks lm``).
 
-Methods, each inside the same Lightning loop, each tuned at every batch size on a grid whose learning rates
-are centred on the method's rate at the smallest batch times √(batch / smallest batch), × {1/3, 1, 3}:
+Methods, each inside the same Lightning loop (:mod:`benchmarks.harness`), each tuned at every batch size on a grid
+whose learning rates are centred on the method's rate at the smallest batch times √(batch / smallest batch),
+× {1/3, 1, 3} (× {1/3, 1, 3, 9} for Muon and the normalized step, whose best sat at the top of the smaller grid):
 - ``sgd``: SGD with momentum 0.9; ``adam``: Adam (AdamW for the language model); ``muon``: torch's Muon on the
   hidden nn.Linear matrices and AdamW on the rest, one optimizer (torch's Muon takes 2-D matrices only, so a
   conv's weight is AdamW's);
 - ``kfac``: SGD with momentum 0.9 and the callback; its grid adds damping ∈ {1e-2, 1e-1};
 - ``kfac-default``: the callback at its defaults with the examples' SGD rate 0.1 at every batch size (no
-  tuning); beside it, the KL clip (1e-2, off) and the factor decay (0.9) changed alone: the check that the
-  defaults hold at every batch size. All kfac runs count for kfac's tuned best.
+  tuning); its grid changes one option at a time (the KL clip 1e-2 or off, the factor decay 0.9): do the defaults
+  hold at every batch size?
+- ``normalized``: the callback's ``step_size: normalized`` (relative damping, every layer handled,
+  :class:`~lightning_lrkfac.optim.KFACWithAdamW`) on Muon's grid; ``normalized-default``: the same at the package's
+  defaults (π-damping) and Muon's rate 0.02 at every batch size.
 
-Every grid point runs seed 0; its best point for steps and its best point for time (and the untuned default)
-then run seeds 1 and 2, and the figures are medians of the 3 seeds; a run stops at the target or at its step
-budget. Seeds are the
-outer loop and the methods alternate inside it, so machine drift hits every arm alike. Wall time counts training
-steps only, not the test evaluations. torch's Muon runs its Newton–Schulz iteration in bfloat16, slow on a CPU:
-read Muon's steps beside its time.
+The harness's sweep per batch size: every grid point on seed 0, the methods alternating; then each method's best
+point (:func:`benchmarks.harness.best_point`) and its default on seeds 1 and 2 (``--quick``: seed 0 only); the figures
+are medians over the seeds. A run stops at the target or at its step budget. Wall time counts training steps only, not
+the test evaluations. torch's Muon runs its Newton–Schulz iteration in bfloat16, slow on a CPU: read Muon's steps
+beside its time.
 
 ``--step-cost`` instead times a step with and without the callback against the batch size (an MLP of width
 1024 on 1024 inputs, and a CNN of 3 convs, 32/64/64 channels at strides 1/2/2, on 28×28 inputs, synthetic
 batches), arms interleaved, next to the flop model of ``benchmarks.step_overhead``.
 
-    python -m benchmarks.batch_scaling                 # mlp and cnn: about an hour on 2 CPU cores
+    python -m benchmarks.batch_scaling [--quick]       # mlp and cnn: about an hour on 2 CPU cores (--quick: 25 min)
     python -m benchmarks.batch_scaling --step-cost     # about 10 minutes
 """
 
@@ -51,26 +54,54 @@ from lightning_lrkfac.examples.data import MNIST1DDataModule, PythonDocsDataModu
 from lightning_lrkfac.examples.models import CNNClassifier, Conv1dClassifier, GPTLanguageModel, MLPClassifier
 
 from .common import RESULTS, device_record, print_table, pyplot, write_json
-from .harness import Method
-from .training import StopAtTarget, accuracy, label, quiet_trainer, tensors
+from .harness import Method, Run, Sweep, sweep
+from .training import StopAtTarget, accuracy, quiet_trainer, tensors
 
-SEEDS = 3
 MNIST1D_SAMPLES = 20_000
 #: One option changed from the defaults at a time, at the default rate: do the defaults hold at every batch size?
 DEFAULT_VARIANTS: list[dict[str, Any]] = [{}, {"kl_clip": 1e-2}, {"kl_clip": None}, {"factor_decay": 0.9}]
+NORMALIZED_DEFAULT = {"step_size": "normalized", "kl_clip": None}
+NORMALIZED = {**NORMALIZED_DEFAULT, "damping_mode": "relative"}
+PEERS = ("sgd", "adam", "muon")
+#: Muon's and the normalized step's rate factors: their best sat at the top of × {1/3, 1, 3} on the MLP.
+MUON_FACTORS = (1 / 3, 1.0, 3.0, 9.0)
+#: Each curvature method and the untuned default it is compared with.
+DEFAULT_OF = {"kfac": "kfac-default", "normalized": "normalized-default"}
 
 
-def mnist1d(batch_size: int, seed: int) -> MNIST1DDataModule:
+def _mnist1d(batch: int, seed: int, budget: int):
     """The data module of a run, set up (its test set is read before the fit); the signals are generated once per
     process (``MNIST1DDataModule`` caches them)."""
-    module = MNIST1DDataModule(batch_size, num_samples=MNIST1D_SAMPLES, seed=seed)
+    module = MNIST1DDataModule(batch, num_samples=MNIST1D_SAMPLES, seed=seed)
     module.setup("fit")
     return module
 
 
+def _python_docs(batch: int, seed: int, budget: int):
+    from .language_model import CONTEXT
+
+    module = PythonDocsDataModule(CONTEXT, batch, windows_per_epoch=budget * batch)
+    module.seed = seed
+    module.setup("fit")
+    return module
+
+
+def _test_set(data) -> tuple[torch.Tensor, torch.Tensor, Callable]:
+    x, y = tensors(data.test_set)
+    return x, y, accuracy
+
+
+def _validation_windows(data) -> tuple[torch.Tensor, torch.Tensor, Callable]:
+    from .language_model import VALIDATION_WINDOWS, negative_loss
+
+    windows = [data.val_set[i] for i in range(VALIDATION_WINDOWS)]
+    x, y = (torch.stack(parts) for parts in zip(*windows))
+    return x, y, negative_loss
+
+
 @dataclass(frozen=True)
-class Task:
-    """A model and data, the batch sizes, and per batch size the step budget and how often the score is read."""
+class Family:
+    """A model and data at several batch sizes: per batch size the step budget and how often the score is read."""
 
     name: str
     batches: tuple[int, ...]
@@ -81,30 +112,47 @@ class Task:
     budgets: dict[int, int]
     every: dict[int, int]
     model: Callable[..., pl.LightningModule]
+    data: Callable[[int, int, int], Any] = _mnist1d
+    evaluation: Callable[[Any], tuple[torch.Tensor, torch.Tensor, Callable]] = _test_set
     adam: str = "adam"
 
-    def data(self, batch: int, seed: int):
-        if self.name == "lm":
-            from .language_model import CONTEXT
-
-            module = PythonDocsDataModule(CONTEXT, batch, windows_per_epoch=self.budgets[batch] * batch)
-            module.seed = seed
-            module.setup("fit")
-            return module
-        return mnist1d(batch, seed)
-
-    def evaluation(self, data) -> tuple[torch.Tensor, torch.Tensor, Callable]:
-        if self.name == "lm":
-            from .language_model import VALIDATION_WINDOWS, negative_loss
-
-            windows = [data.val_set[i] for i in range(VALIDATION_WINDOWS)]
-            x, y = (torch.stack(parts) for parts in zip(*windows))
-            return x, y, negative_loss
-        x, y = tensors(data.test_set)
-        return x, y, accuracy
+    def at(self, batch: int) -> BatchTask:
+        return BatchTask(self, batch)
 
     def shown(self, score: float) -> float:
+        """The score as the task's metric (a loss is stored negated so that higher is better)."""
         return -score if self.name == "lm" else score
+
+
+@dataclass(frozen=True)
+class BatchTask:
+    """One family at one batch size: the harness's task (:class:`benchmarks.harness.Task`)."""
+
+    family: Family
+    batch: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.family.name} batch {self.batch}"
+
+    @property
+    def budget(self) -> int:
+        return self.family.budgets[self.batch]
+
+    def run(self, method: Method, config: dict, seed: int, device: torch.device) -> Run:
+        family = self.family
+        data = family.data(self.batch, seed, self.budget)
+        x, y, score = family.evaluation(data)
+        torch.manual_seed(seed)
+        model = family.model(lr=config["lr"], momentum=method.momentum, optimizer=method.optimizer)
+        tracker = StopAtTarget(x, y, family.target, family.every[self.batch], score=score)
+        callbacks: list[pl.Callback] = [tracker]
+        if method.callback is not None:
+            options = {**method.callback, **{k: v for k, v in config.items() if k != "lr"}}
+            callbacks.append(LowRankKFACCallback(log_stats=False, seed=seed, **options))
+        trainer = quiet_trainer(accelerator=device.type, max_steps=self.budget, callbacks=callbacks)
+        trainer.fit(model, data)
+        return Run(tracker.history, statistics.median(tracker.seconds))
 
 
 def _gpt(**kwargs) -> pl.LightningModule:
@@ -114,199 +162,112 @@ def _gpt(**kwargs) -> pl.LightningModule:
 
 
 BATCHES = (128, 512, 2048, 4096)
-TASKS = [
-    Task(
+FAMILIES = [
+    Family(
         "mlp", BATCHES, 0.80, "test accuracy", {"sgd": 0.1, "adam": 1e-3, "muon": 0.02, "kfac": 0.1},
         {128: 2000, 512: 800, 2048: 300, 4096: 200}, {128: 10, 512: 5, 2048: 2, 4096: 2},
         functools.partial(MLPClassifier, in_features=40, hidden=(256, 256)),
     ),
-    Task(
+    Family(
         "cnn", BATCHES, 0.95, "test accuracy", {"sgd": 0.05, "adam": 1e-3, "muon": 0.02, "kfac": 0.05},
         {128: 1500, 512: 600, 2048: 200, 4096: 120}, {128: 10, 512: 5, 2048: 2, 4096: 2},
         functools.partial(Conv1dClassifier, length=40, channels=(32, 64), kernel_size=5, hidden=(128,)),
     ),
-    Task(
+    Family(
         "lm", (4, 16, 64, 128), -2.8, "validation loss", {"sgd": 0.03, "adam": 2e-3, "muon": 0.01, "kfac": 0.1},
-        {4: 800, 16: 300, 64: 120, 128: 80}, {4: 20, 16: 10, 64: 5, 128: 5}, _gpt, adam="adamw",
+        {4: 800, 16: 300, 64: 120, 128: 80}, {4: 20, 16: 10, 64: 5, 128: 5}, _gpt, _python_docs,
+        _validation_windows, adam="adamw",
     ),
 ]  # fmt: skip
 
 
-def methods(task: Task, batch: int) -> list[Method]:
+def methods(family: Family, batch: int) -> list[Method]:
     """Each method with its grid at this batch size (rates scaled by √(batch / smallest batch))."""
-    scale = math.sqrt(batch / task.batches[0])
+    scale = math.sqrt(batch / family.batches[0])
 
-    def rates(name: str) -> list[float]:
-        return [task.base_lrs[name] * scale * factor for factor in (1 / 3, 1.0, 3.0)]
+    def rates(name: str, factors: tuple[float, ...] = (1 / 3, 1.0, 3.0)) -> list[float]:
+        return [family.base_lrs[name] * scale * factor for factor in factors]
 
-    kfac_grid = [{"lr": lr, "damping": d} for lr in rates("kfac") for d in (1e-2, 1e-1)]
-    defaults = [{"lr": 0.1, **variant} for variant in DEFAULT_VARIANTS]
+    def grid(name: str, factors: tuple[float, ...] = (1 / 3, 1.0, 3.0)) -> tuple[dict, ...]:
+        return tuple({"lr": lr} for lr in rates(name, factors))
+
+    kfac_grid = tuple({"lr": lr, "damping": d} for lr in rates("kfac") for d in (1e-2, 1e-1))
+    variants = tuple({"lr": 0.1, **variant} for variant in DEFAULT_VARIANTS)
     return [
-        Method("sgd", "sgd", 0.9, None, [{"lr": lr} for lr in rates("sgd")]),
-        Method("adam", task.adam, 0.0, None, [{"lr": lr} for lr in rates("adam")]),
-        Method("muon", "muon", 0.0, None, [{"lr": lr} for lr in rates("muon")]),
+        Method("sgd", "sgd", 0.9, None, grid("sgd")),
+        Method("adam", family.adam, 0.0, None, grid("adam")),
+        Method("muon", "muon", 0.0, None, grid("muon", MUON_FACTORS)),
         Method("kfac", "sgd", 0.9, {}, kfac_grid),
-        Method("kfac-default", "sgd", 0.9, {}, defaults),
+        Method("kfac-default", "sgd", 0.9, {}, variants, default=variants[0]),
+        Method("normalized", "kfac-adamw", 0.0, NORMALIZED, grid("muon", MUON_FACTORS)),
+        Method("normalized-default", "kfac-adamw", 0.0, NORMALIZED_DEFAULT, ({"lr": 0.02},), default={"lr": 0.02}),
     ]
 
 
-def one_run(task: Task, batch: int, method: Method, config: dict, seed: int, device: torch.device) -> dict:
-    data = task.data(batch, seed)
-    x, y, score = task.evaluation(data)
-    torch.manual_seed(seed)
-    model = task.model(lr=config["lr"], momentum=method.momentum, optimizer=method.optimizer)
-    tracker = StopAtTarget(x, y, task.target, task.every[batch], score=score)
-    callbacks: list[pl.Callback] = [tracker]
-    if method.callback is not None:
-        options = {**method.callback, **{k: v for k, v in config.items() if k != "lr"}}
-        callbacks.append(LowRankKFACCallback(log_stats=False, seed=seed, **options))
-    trainer = quiet_trainer(accelerator=device.type, max_steps=task.budgets[batch], callbacks=callbacks)
-    trainer.fit(model, data)
-    return {
-        "steps": tracker.steps_to_target or math.inf,
-        "seconds": tracker.seconds_to_target or math.inf,
-        "best": task.shown(tracker.best),
-        "ms_per_step": 1e3 * statistics.median(tracker.seconds),
-    }
+def tuned_rows(family: Family, batch: int, every: list[Method], result: Sweep) -> list[dict]:
+    """One row per method at this batch size: its tuned point (a default method: its default), against the best peer
+    and Muon, and each curvature method's untuned default against it.
 
-
-def median(results: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in results)
+    Where no peer reached the target within the budget, the ratios are against the budget (steps) and the budget at
+    the fastest peer's step time (seconds), upper bounds, marked by ``baseline reached`` false.
+    """
+    task = family.at(batch)
+    rows = {}
+    for method in every:
+        if method.default is not None:
+            row = next(r for r in result.rows(task.name, method, family.target) if r["default"])
+        else:
+            row = result.tuned(task.name, method, family.target)
+        rows[method.name] = {**row, "task": family.name, "batch": batch}
+    peer_steps = min(rows[name]["steps"] for name in PEERS)
+    peer_seconds = min(rows[name]["seconds"] for name in PEERS)
+    reached = math.isfinite(peer_steps)
+    if not reached:
+        peer_steps = task.budget
+        peer_seconds = task.budget * min(rows[name]["ms_per_step"] for name in PEERS) / 1e3
+    muon = rows["muon"]
+    for row in rows.values():
+        row["baseline reached"] = reached
+        row["steps / baseline"] = row["steps"] / peer_steps
+        row["time / baseline"] = row["seconds"] / peer_seconds
+        row["steps / Muon"] = row["steps"] / muon["steps"] if math.isfinite(muon["steps"]) else math.nan
+        row["time / Muon"] = row["seconds"] / muon["seconds"] if math.isfinite(muon["seconds"]) else math.nan
+    for tuned, default in DEFAULT_OF.items():
+        rows[tuned]["default / tuned steps"] = rows[default]["steps"] / rows[tuned]["steps"]
+        rows[tuned]["default / tuned time"] = rows[default]["seconds"] / rows[tuned]["seconds"]
+    return list(rows.values())
 
 
 def train(args: argparse.Namespace, device: torch.device) -> None:
-    tasks = [t for t in TASKS if t.name in args.tasks]
-    results: dict[tuple[str, int, str, str], list[dict]] = {}
-
-    def run(task: Task, batch: int, method: Method, config: dict, seed: int) -> None:
-        result = one_run(task, batch, method, config, seed, device)
-        results.setdefault((task.name, batch, method.name, label(config)), []).append(result)
-
-    for task in tasks:
-        for batch in task.batches:
-            every = methods(task, batch)
-            for index in range(max(len(m.grid) for m in every)):  # grid points alternate across methods
-                for method in every:
-                    if index < len(method.grid):
-                        run(task, batch, method, method.grid[index], 0)
-            chosen = {m.name: chosen_configs(task, batch, m, results) for m in every}
-            for seed in range(1, args.seeds):
-                for method in every:
-                    for config in chosen[method.name]:
-                        run(task, batch, method, config, seed)
-            print(f"{task.name} batch {batch}: done", flush=True)
-
-    grid = [
-        {
-            "task": task.name,
-            "batch": batch,
-            "method": method.name,
-            "config": label(config),
-            "seeds": len(runs),
-            "reached": sum(math.isfinite(r["steps"]) for r in runs),
-            "steps": median(runs, "steps"),
-            "seconds": median(runs, "seconds"),
-            "ms/step": median(runs, "ms_per_step"),
-            "best score": median(runs, "best"),
-        }
-        for task in tasks
-        for batch in task.batches
-        for method in methods(task, batch)
-        for config in method.grid
-        for runs in [results[(task.name, batch, method.name, label(config))]]
-    ]
-    table = [row for task in tasks for row in summary_table(task, grid, args.seeds)]
-    print("\nevery grid point (seed 0; the chosen points: median over seeds):")
-    print_table(grid, list(grid[0]))
-    print("\nper method and batch size, its best point for steps and for time; baseline = best of sgd, adam, muon:")
-    print_table(table, list(table[0]))
-    for task in tasks:  # one file per task, so that each task can be rerun alone
-        meta = {**device_record(device), "seeds": args.seeds, "target": task.shown(task.target), "metric": task.metric}
-        mine = [r for r in table if r["task"] == task.name] + [{"grid": r} for r in grid if r["task"] == task.name]
-        write_json(f"batch_scaling_{task.name}", meta, mine)
+    families = [f for f in FAMILIES if f.name in args.tasks]
+    seeds = 1 if args.quick else args.seeds
+    table_columns = ["task", "batch", "method", "config", "reached", "steps", "seconds", "ms_per_step",
+                     "steps / baseline", "time / baseline", "steps / Muon", "time / Muon"]  # fmt: skip
+    for family in families:  # one file per family, so that each can be rerun alone
+        table, grid = [], []
+        for batch in args.batches or family.batches:
+            every = methods(family, batch)
+            task = family.at(batch)
+            result = sweep([task], every, seeds, device, target=lambda t, _: t.family.target, log=print)
+            for method in every:
+                grid += [{"grid": {**row, "task": family.name, "batch": batch}}
+                         for row in result.rows(task.name, method, family.target)]  # fmt: skip
+            table += tuned_rows(family, batch, every, result)
+            print(f"{family.name} batch {batch}: done", flush=True)
+            print_table([r for r in table if r["batch"] == batch], table_columns)
+        meta = {**device_record(device), "seeds": seeds, "target": family.shown(family.target), "metric": family.metric}
+        meta |= {"budgets": family.budgets}
+        write_json(f"batch_scaling_{family.name}", meta, table + grid)
+    print("\nper method and batch size, its tuned point; best peer = the best of tuned sgd, adam, muon:")
+    for family in families:
+        print_table(load_rows(family), table_columns)
     plot()
 
 
-def chosen_configs(task: Task, batch: int, method: Method, results: dict) -> list[dict]:
-    """The points that run every seed: seed 0's best for steps and best for time (the default's rate too)."""
-    seed0 = {label(c): (results[(task.name, batch, method.name, label(c))][0], c) for c in method.grid}
-    by_steps = min(seed0.values(), key=lambda rc: (rc[0]["steps"], rc[0]["seconds"]))[1]
-    by_time = min(seed0.values(), key=lambda rc: (rc[0]["seconds"], rc[0]["steps"]))[1]
-    chosen = [by_steps] + ([by_time] if by_time != by_steps else [])
-    default = method.grid[0]
-    return chosen + ([default] if method.name == "kfac-default" and default not in chosen else [])
-
-
-def summary_table(task: Task, grid: list[dict], seeds: int) -> list[dict]:
-    """The summary rows of a task from its grid rows: per batch size, the points every seed ran."""
-    table = []
-    for batch in task.batches:
-        summaries: dict[str, list[dict]] = {}
-        for row in grid:
-            if row["task"] == task.name and row["batch"] == batch and row["seeds"] == seeds:
-                summaries.setdefault(row["method"], []).append(row)
-        # every kfac run counts for kfac
-        summaries["kfac"] += [{**r, "config": "defaults, " + r["config"]} for r in summaries["kfac-default"]]
-        table += summarize(task, batch, summaries)
-    return table
-
-
-def summarize(task: Task, batch: int, summaries: dict[str, list[dict]]) -> list[dict]:
-    """One row per method: its best point for steps and for time, and both against the best baseline.
-
-    Where no baseline reached the target within the budget, the ratios are against the budget (steps) and the
-    budget at the fastest baseline's step time (seconds), upper bounds, marked by ``baseline reached`` false.
-    """
-    best = {
-        name: (
-            min(rows, key=lambda r: (r["steps"], r["seconds"])),
-            min(rows, key=lambda r: (r["seconds"], r["steps"])),
-        )
-        for name, rows in summaries.items()
-    }
-    peers = ("sgd", "adam", "muon")
-    baseline_steps = min(best[name][0]["steps"] for name in peers)
-    baseline_seconds = min(best[name][1]["seconds"] for name in peers)
-    reached = math.isfinite(baseline_steps)
-    if not reached:
-        baseline_steps = task.budgets[batch]
-        baseline_seconds = task.budgets[batch] * min(best[name][1]["ms/step"] for name in peers) / 1e3
-    default = next(r for r in summaries["kfac-default"] if r["config"] == "lr=0.1")
-    rows = []
-    for name, (by_steps, by_time) in best.items():
-        if name == "kfac-default":
-            by_steps = by_time = default
-        rows.append(
-            {
-                "task": task.name,
-                "batch": batch,
-                "method": name,
-                "steps config": by_steps["config"],
-                "steps": by_steps["steps"],
-                "time config": by_time["config"],
-                "seconds": by_time["seconds"],
-                "ms/step": by_time["ms/step"],
-                "baseline reached": reached,
-                "steps / baseline": by_steps["steps"] / baseline_steps,
-                "time / baseline": by_time["seconds"] / baseline_seconds,
-                "default / tuned steps": default["steps"] / best["kfac"][0]["steps"],
-                "default / tuned time": default["seconds"] / best["kfac"][1]["seconds"],
-            }
-        )
-    return rows
-
-
-def summarize_files() -> None:
-    """Remake each result file's summary rows from its grid rows (after a change to the summary), then the plot."""
-    for task in TASKS:
-        path = RESULTS / f"batch_scaling_{task.name}.json"
-        if path.exists():
-            result = json.loads(path.read_text())
-            grid = [r["grid"] for r in result["rows"] if "grid" in r]
-            table = summary_table(task, grid, result["meta"]["seeds"])
-            print_table(table, list(table[0]))
-            write_json(path.stem, result["meta"], table + [{"grid": r} for r in grid])
-    plot()
+def load_rows(family: Family) -> list[dict]:
+    """The summary rows (not the grid) of a family's result file."""
+    result = json.loads((RESULTS / f"batch_scaling_{family.name}.json").read_text())
+    return [r for r in result["rows"] if "grid" not in r]
 
 
 def plot() -> None:
@@ -316,28 +277,28 @@ def plot() -> None:
         return
     from matplotlib.ticker import NullLocator
 
-    results = {t.name: json.loads((RESULTS / f"batch_scaling_{t.name}.json").read_text()) for t in TASKS
-               if (RESULTS / f"batch_scaling_{t.name}.json").exists()}  # fmt: skip
-    tasks = [t for t in TASKS if t.name in results]
-    figure, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 8), squeeze=False)
-    for column, task in enumerate(tasks):
-        rows = [r for r in results[task.name]["rows"] if "grid" not in r]
+    families = [f for f in FAMILIES if (RESULTS / f"batch_scaling_{f.name}.json").exists()]
+    figure, axes = plt.subplots(2, len(families), figsize=(5 * len(families), 8), squeeze=False)
+    for column, family in enumerate(families):
+        rows = load_rows(family)
+        meta = json.loads((RESULTS / f"batch_scaling_{family.name}.json").read_text())["meta"]
         for index, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
             mine = [r for r in rows if r["method"] == method]
             batches = [r["batch"] for r in mine]
-            style = dict(color=f"C{index}", marker="o", label=method, ls="--" if method == "kfac-default" else "-")
+            style = dict(color=f"C{index}", marker="o", label=method, ls="--" if method.endswith("default") else "-")
             axes[0, column].plot(batches, [r["steps"] for r in mine], **style)
             axes[1, column].plot(batches, [r["seconds"] for r in mine], **style)
+        batches = sorted({r["batch"] for r in rows})
         first = min((r for r in rows if math.isfinite(r["steps"])), key=lambda r: (r["batch"], r["steps"]))
-        perfect = [first["steps"] * first["batch"] / b for b in task.batches]
-        axes[0, column].plot(task.batches, perfect, color="k", ls=":", lw=1, label="perfect scaling")
+        perfect = [first["steps"] * first["batch"] / b for b in batches]
+        axes[0, column].plot(batches, perfect, color="k", ls=":", lw=1, label="perfect scaling")
         for row, ylabel in enumerate(("steps to target", "training seconds to target")):
             ax = axes[row, column]
             ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel=ylabel)
             ax.xaxis.set_minor_locator(NullLocator())
-            ax.set_xticks(list(task.batches), [f"{b:,}" for b in task.batches])
-            seeds = results[task.name]["meta"]["seeds"]
-            ax.set_title(f"{task.name}: {task.metric} {task.shown(task.target):g}, median of {seeds} seeds")
+            ax.set_xticks(batches, [f"{b:,}" for b in batches])
+            title = f"{family.name}: {family.metric} {family.shown(family.target):g}, median of {meta['seeds']} seeds"
+            ax.set_title(title)
             ax.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(RESULTS / "batch_scaling.png", dpi=120)
@@ -391,19 +352,19 @@ def step_cost(args: argparse.Namespace, device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="seed 0 only (the grid)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tasks", nargs="*", default=["mlp", "cnn"], choices=[t.name for t in TASKS])
-    parser.add_argument("--seeds", type=int, default=SEEDS)
+    parser.add_argument("--tasks", nargs="*", default=["mlp", "cnn"], choices=[f.name for f in FAMILIES])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--batches", nargs="*", type=int, help="only these batch sizes (default: the task's four)")
     parser.add_argument("--step-cost", action="store_true", help="time steps against the batch size instead")
-    parser.add_argument(
-        "--summarize", action="store_true", help="only remake the summary rows and the plot from the result files' grid"
-    )
+    parser.add_argument("--plot", action="store_true", help="only remake the plot from the result files")
     parser.add_argument("--step-batches", nargs="*", type=int, default=[128, 512, 1024, 2048, 4096])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
-    if args.summarize:
-        summarize_files()
+    if args.plot:
+        plot()
     elif args.step_cost:
         step_cost(args, device)
     else:

@@ -155,6 +155,10 @@ BATCH_TASKS = {
 }
 
 
+#: The batch-scaling methods with a column each: the peers, then each curvature method tuned and at its default.
+BATCH_METHODS = ("sgd", "adam", "muon", "kfac", "kfac-default", "normalized", "normalized-default")
+
+
 def _cell(row: dict[str, Any]) -> str:
     """Steps and seconds to the target of one method, e.g. ``120 / 1.4 s``, or ``never`` within the budget."""
     return f"{_steps(row['steps'])} / {_number(row['seconds'], 1)} s" if math.isfinite(row["steps"]) else "never"
@@ -177,8 +181,9 @@ def _versus(mine: float, theirs: float, budget: float, bold: bool = True) -> str
 
 
 def batch_scaling_table() -> str:
-    """Per task and batch size: each method's steps / seconds to the target at its best points, and the callback's
-    tuned and default ratios to the best of SGD, Adam and Muon."""
+    """Per task and batch size: each method's steps / seconds to the target at its best point (a default method: its
+    default), ``kfac`` against the best of SGD, Adam and Muon, ``normalized`` against Muon, and each curvature method's
+    untuned default against its tuned point."""
     by_key: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     for task in BATCH_TASKS:
         if (RESULTS / f"batch_scaling_{task}.json").exists():
@@ -186,21 +191,24 @@ def batch_scaling_table() -> str:
                 by_key.setdefault((row["task"], row["batch"]), {})[row["method"]] = row
     rows = []
     for (task, batch), methods in by_key.items():
-        kfac, default = methods["kfac"], methods["kfac-default"]
+        kfac, normalized = methods["kfac"], methods["normalized"]
         rows.append(
             [
                 BATCH_TASKS[task],
                 f"{batch:,}",
-                *(_cell(methods[m]) for m in ("sgd", "adam", "muon", "kfac", "kfac-default")),
-                _against_peers(kfac, "steps / baseline", bold=False),
-                _against_peers(kfac, "time / baseline"),
-                f"{_against_peers(default, 'steps / baseline', bold=False)} / {_against_peers(default, 'time / baseline')}",
-                f"{_number(kfac['default / tuned steps'])}× / {_number(kfac['default / tuned time'])}×",
+                *(_cell(methods[m]) for m in BATCH_METHODS),
+                f"{_against_peers(kfac, 'steps / baseline', bold=False)} / {_against_peers(kfac, 'time / baseline')}",
+                f"{_number(normalized['steps / Muon'])}× / {_ratio(normalized['time / Muon'])}",
+                " ; ".join(
+                    f"{_number(methods[m]['default / tuned steps'])}× / {_number(methods[m]['default / tuned time'])}×"
+                    for m in ("kfac", "normalized")
+                ),
             ]
         )
     header = [
-        "task", "batch", "SGD", "Adam", "Muon", "kfac tuned", "kfac default", "kfac steps / best peer",
-        "kfac time / best peer", "default: steps / time vs best peer", "default / tuned: steps / time",
+        "task", "batch", "SGD", "Adam", "Muon", "`kfac` tuned", "`kfac` default", "`normalized` tuned",
+        "`normalized` default", "`kfac` vs best peer: steps / time", "`normalized` vs Muon: steps / time",
+        "default / tuned, steps / time: `kfac` ; `normalized`",
     ]  # fmt: skip
     return _table(header, rows)
 
