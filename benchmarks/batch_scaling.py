@@ -13,7 +13,8 @@ whose learning rates are centred on the method's rate at the smallest batch time
 - ``sgd``: SGD with momentum 0.9; ``adam``: Adam (AdamW for the language model); ``muon``: torch's Muon on the
   hidden nn.Linear matrices and AdamW on the rest, one optimizer (torch's Muon takes 2-D matrices only, so a
   conv's weight is AdamW's);
-- ``kfac``: SGD with momentum 0.9 and the callback; its grid adds damping ∈ {1e-2, 1e-1};
+- ``kfac``: SGD with momentum 0.9 and the callback; its grid adds damping ∈ {1e-2, 1e-1}, and its tuned point is
+  the best of this grid and of ``kfac-default``'s variants;
 - ``kfac-default``: the callback at its defaults with the examples' SGD rate 0.1 at every batch size (no
   tuning); its grid changes one option at a time (the KL clip 1e-2 or off, the factor decay 0.9): do the defaults
   hold at every batch size?
@@ -31,8 +32,13 @@ beside its time.
 1024 on 1024 inputs, and a CNN of 3 convs, 32/64/64 channels at strides 1/2/2, on 28×28 inputs, synthetic
 batches), arms interleaved, next to the flop model of ``benchmarks.step_overhead``.
 
+``--damping`` instead compares ``damping_mode`` π and relative at the same grid points, for ``kfac`` and the
+normalized step, on the MLP and the CNN at a small and a large batch (``batch_scaling_damping.json``).
+``--summarize`` remakes the summary rows of the result files from their grid rows.
+
     python -m benchmarks.batch_scaling [--quick]       # mlp and cnn: about an hour on 2 CPU cores (--quick: 25 min)
     python -m benchmarks.batch_scaling --step-cost     # about 10 minutes
+    python -m benchmarks.batch_scaling --damping       # about 25 minutes
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from lightning_lrkfac.examples.data import MNIST1DDataModule, PythonDocsDataModu
 from lightning_lrkfac.examples.models import CNNClassifier, Conv1dClassifier, GPTLanguageModel, MLPClassifier
 
 from .common import RESULTS, device_record, print_table, pyplot, write_json
-from .harness import Method, Run, Sweep, sweep
+from .harness import Method, Run, best_point, sweep
 from .training import StopAtTarget, accuracy, quiet_trainer, tensors
 
 MNIST1D_SAMPLES = 20_000
@@ -67,6 +73,8 @@ PEERS = ("sgd", "adam", "muon")
 MUON_FACTORS = (1 / 3, 1.0, 3.0, 9.0)
 #: Each curvature method and the untuned default it is compared with.
 DEFAULT_OF = {"kfac": "kfac-default", "normalized": "normalized-default"}
+#: The methods whose tuned point may also come from another method's grid: kfac's from its defaults' variants.
+ALSO_TUNED_ON = {"kfac": ("kfac-default",)}
 
 
 def _mnist1d(batch: int, seed: int, budget: int):
@@ -204,27 +212,39 @@ def methods(family: Family, batch: int) -> list[Method]:
     ]
 
 
-def tuned_rows(family: Family, batch: int, every: list[Method], result: Sweep) -> list[dict]:
-    """One row per method at this batch size: its tuned point (a default method: its default), against the best peer
-    and Muon, and each curvature method's untuned default against it.
+def _confirmed(rows: list[dict]) -> list[dict]:
+    """The rows of one method that ran on the most seeds: its confirmed best point (and its default)."""
+    most = max(row["seeds"] for row in rows)
+    return [row for row in rows if row["seeds"] == most]
+
+
+def tuned_rows(family: Family, batch: int, grid: list[dict]) -> list[dict]:
+    """One row per method at this batch size from its grid rows: its tuned point (a default method: its default),
+    against the best peer and Muon, and each curvature method's untuned default against it. ``kfac``'s tuned point is
+    the best of its own grid and of its defaults' one-option variants, both confirmed on every seed.
 
     Where no peer reached the target within the budget, the ratios are against the budget (steps) and the budget at
     the fastest peer's step time (seconds), upper bounds, marked by ``baseline reached`` false.
     """
-    task = family.at(batch)
+    by_method: dict[str, list[dict]] = {}
+    for row in grid:
+        by_method.setdefault(row["method"], []).append(row)
     rows = {}
-    for method in every:
-        if method.default is not None:
-            row = next(r for r in result.rows(task.name, method, family.target) if r["default"])
+    for name, mine in by_method.items():
+        if name in DEFAULT_OF.values():
+            row = next(r for r in mine if r["default"])
         else:
-            row = result.tuned(task.name, method, family.target)
-        rows[method.name] = {**row, "task": family.name, "batch": batch}
+            row = best_point(
+                _confirmed(mine) + sum((_confirmed(by_method[m]) for m in ALSO_TUNED_ON.get(name, ())), [])
+            )
+        rows[name] = {**row, "method": name, "task": family.name, "batch": batch}
+    budget = family.budgets[batch]
     peer_steps = min(rows[name]["steps"] for name in PEERS)
     peer_seconds = min(rows[name]["seconds"] for name in PEERS)
     reached = math.isfinite(peer_steps)
     if not reached:
-        peer_steps = task.budget
-        peer_seconds = task.budget * min(rows[name]["ms_per_step"] for name in PEERS) / 1e3
+        peer_steps = budget
+        peer_seconds = budget * min(rows[name]["ms_per_step"] for name in PEERS) / 1e3
     muon = rows["muon"]
     for row in rows.values():
         row["baseline reached"] = reached
@@ -238,30 +258,45 @@ def tuned_rows(family: Family, batch: int, every: list[Method], result: Sweep) -
     return list(rows.values())
 
 
+TABLE_COLUMNS = ["task", "batch", "method", "config", "reached", "steps", "seconds", "ms_per_step",
+                 "steps / baseline", "time / baseline", "steps / Muon", "time / Muon"]  # fmt: skip
+
+
 def train(args: argparse.Namespace, device: torch.device) -> None:
     families = [f for f in FAMILIES if f.name in args.tasks]
     seeds = 1 if args.quick else args.seeds
-    table_columns = ["task", "batch", "method", "config", "reached", "steps", "seconds", "ms_per_step",
-                     "steps / baseline", "time / baseline", "steps / Muon", "time / Muon"]  # fmt: skip
     for family in families:  # one file per family, so that each can be rerun alone
         table, grid = [], []
         for batch in args.batches or family.batches:
             every = methods(family, batch)
             task = family.at(batch)
             result = sweep([task], every, seeds, device, target=lambda t, _: t.family.target, log=print)
-            for method in every:
-                grid += [{"grid": {**row, "task": family.name, "batch": batch}}
-                         for row in result.rows(task.name, method, family.target)]  # fmt: skip
-            table += tuned_rows(family, batch, every, result)
+            batch_grid = [{**row, "task": family.name, "batch": batch}
+                          for method in every for row in result.rows(task.name, method, family.target)]  # fmt: skip
+            grid += [{"grid": row} for row in batch_grid]
+            table += tuned_rows(family, batch, batch_grid)
             print(f"{family.name} batch {batch}: done", flush=True)
-            print_table([r for r in table if r["batch"] == batch], table_columns)
+            print_table([r for r in table if r["batch"] == batch], TABLE_COLUMNS)
         meta = {**device_record(device), "seeds": seeds, "target": family.shown(family.target), "metric": family.metric}
         meta |= {"budgets": family.budgets}
         write_json(f"batch_scaling_{family.name}", meta, table + grid)
     print("\nper method and batch size, its tuned point; best peer = the best of tuned sgd, adam, muon:")
     for family in families:
-        print_table(load_rows(family), table_columns)
+        print_table(load_rows(family), TABLE_COLUMNS)
     plot()
+
+
+def summarize(families: list[Family]) -> None:
+    """Remake each family's summary rows from the grid rows of its result file (after a change to the summary rule),
+    the grid and meta kept."""
+    for family in families:
+        path = RESULTS / f"batch_scaling_{family.name}.json"
+        result = json.loads(path.read_text())
+        grid = [row["grid"] for row in result["rows"] if "grid" in row]
+        table = [row for batch in dict.fromkeys(r["batch"] for r in grid)
+                 for row in tuned_rows(family, batch, [r for r in grid if r["batch"] == batch])]  # fmt: skip
+        write_json(f"batch_scaling_{family.name}", result["meta"], table + [{"grid": row} for row in grid])
+        print_table(table, TABLE_COLUMNS)
 
 
 def load_rows(family: Family) -> list[dict]:
@@ -350,6 +385,41 @@ def step_cost(args: argparse.Namespace, device: torch.device) -> None:
     figure.savefig(RESULTS / "batch_scaling_step_cost.png", dpi=120)
 
 
+#: Where ``--damping`` compares the damping modes: a small and a large batch per family.
+DAMPING_BATCHES = {"mlp": (128, 2048), "cnn": (512, 2048)}
+
+
+def damping(args: argparse.Namespace, device: torch.device) -> None:
+    """``damping_mode`` π against relative at the same grid points, for ``kfac`` (SGD, momentum 0.9) and the
+    normalized step, on the MLP and CNN at two batch sizes; the harness's sweep (grid on seed 0, each method's best
+    point and its default on the other seeds)."""
+    rows = []
+    for family in [f for f in FAMILIES if f.name in DAMPING_BATCHES and f.name in args.tasks]:
+        for batch in DAMPING_BATCHES[family.name]:
+            every = {m.name: m for m in methods(family, batch)}
+            kfac, normalized = every["kfac"], every["normalized"]
+            arms = []
+            for mode in ("pi", "relative"):
+                kfac_options = {"damping_mode": mode}
+                arms.append(Method(f"kfac {mode}", "sgd", 0.9, kfac_options, kfac.grid, default={"lr": 0.1}))
+                normalized_options = {**NORMALIZED, "damping_mode": mode}
+                arms.append(Method(f"normalized {mode}", "kfac-adamw", 0.0, normalized_options, normalized.grid,
+                                   default={"lr": 0.02}))  # fmt: skip
+            task = family.at(batch)
+            result = sweep([task], arms, 1 if args.quick else args.seeds, device, lambda t, _: t.family.target)
+            for arm in arms:
+                mine = result.rows(task.name, arm, family.target)
+                rows += [{**row, "task": family.name, "batch": batch, "tuned": row is best_point(_confirmed(mine))}
+                         for row in mine]  # fmt: skip
+            print_table([r for r in rows if r["batch"] == batch and r["task"] == family.name], DAMPING_COLUMNS)
+    print("\nπ against relative damping at the same grid points (the tuned point marked):")
+    print_table(rows, DAMPING_COLUMNS)
+    write_json("batch_scaling_damping", {**device_record(device), "seeds": 1 if args.quick else args.seeds}, rows)
+
+
+DAMPING_COLUMNS = ["task", "batch", "method", "config", "tuned", "default", "seeds", "reached", "steps", "seconds"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="seed 0 only (the grid)")
@@ -359,11 +429,18 @@ def main() -> None:
     parser.add_argument("--batches", nargs="*", type=int, help="only these batch sizes (default: the task's four)")
     parser.add_argument("--step-cost", action="store_true", help="time steps against the batch size instead")
     parser.add_argument("--plot", action="store_true", help="only remake the plot from the result files")
+    parser.add_argument("--damping", action="store_true", help="compare the damping modes at the same grid points")
+    parser.add_argument("--summarize", action="store_true", help="only remake the summary rows from the grid rows")
     parser.add_argument("--step-batches", nargs="*", type=int, default=[128, 512, 1024, 2048, 4096])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
-    if args.plot:
+    if args.damping:
+        damping(args, device)
+    elif args.summarize:
+        summarize([f for f in FAMILIES if f.name in args.tasks])
+        plot()
+    elif args.plot:
         plot()
     elif args.step_cost:
         step_cost(args, device)

@@ -231,35 +231,42 @@ def batch_step_cost_table() -> str:
 
 
 def readme_table() -> str:
-    """The README's one table: where the callback wins wall time and where it does not, from the latest runs."""
+    """The README's one table: ``kfac`` and ``normalized`` against the same peer per task, where each wins wall time
+    and where it does not, from the latest runs."""
     rows = []
     for task in ("mlp", "cnn"):
         target = load(f"batch_scaling_{task}")["meta"]["target"]
+        methods: dict[int, dict[str, dict[str, Any]]] = {}
         for row in _rows(f"batch_scaling_{task}"):
-            if row["method"] != "kfac":
-                continue
+            methods.setdefault(row["batch"], {})[row["method"]] = row
+        for batch, by_method in methods.items():
             rows.append(
                 [
-                    f"{BATCH_TASKS[task]}, batch {row['batch']:,}, {target:.0%} test acc.",
+                    f"{BATCH_TASKS[task]}, batch {batch:,}, {target:.0%} test acc.",
                     "best of tuned SGD, Adam, Muon",
-                    _against_peers(row, "steps / baseline", bold=False),
-                    _against_peers(row, "time / baseline"),
+                    *(
+                        f"{_against_peers(by_method[m], 'steps / baseline', bold=False)} / "
+                        f"{_against_peers(by_method[m], 'time / baseline')}"
+                        for m in ("kfac", "normalized")
+                    ),
                 ]
             )
     lm = _language_model_rows()
     budget = load("language_model")["meta"]["budget"]
     for tokens in sorted({t for t, _, _ in lm}):
         for peer, key, target in (("Muon", "muon", "deepest"), ("Muon", "muon", "2"), ("AdamW", "adamw", "2.4")):
-            row, peer_row = lm[(tokens, "normalized", target)], lm[(tokens, key, target)]
+            peer_row = lm[(tokens, key, target)]
+            cells = []
+            for method in ("kfac", "normalized"):
+                row = lm[(tokens, method, target)]
+                steps = _versus(row["steps"], peer_row["steps"], budget, bold=False)
+                seconds = _versus(row["seconds"], peer_row["seconds"], budget * peer_row["ms_per_step"] / 1e3)
+                cells.append(f"{steps} / {seconds}")
+            loss = lm[(tokens, "normalized", target)]["loss"]
             rows.append(
-                [
-                    f"byte GPT on Python docs, {tokens:,} tokens/step, val. loss {row['loss']:.2f}, `normalized`",
-                    f"tuned {peer}",
-                    _versus(row["steps"], peer_row["steps"], budget, bold=False),
-                    _versus(row["seconds"], peer_row["seconds"], budget * peer_row["ms_per_step"] / 1e3),
-                ]
+                [f"byte GPT on Python docs, {tokens:,} tokens/step, val. loss {loss:.2f}", f"tuned {peer}", *cells]
             )
-    return _table(["task", "against", "steps", "wall time"], rows)
+    return _table(["task", "against", "`kfac`: steps / wall time", "`normalized`: steps / wall time"], rows)
 
 
 def main_job_sentence() -> str:
