@@ -223,8 +223,9 @@ def tuned_rows(family: Family, batch: int, grid: list[dict]) -> list[dict]:
     against the best peer and Muon, and each curvature method's untuned default against it. ``kfac``'s tuned point is
     the best of its own grid and of its defaults' one-option variants, both confirmed on every seed.
 
-    Where no peer reached the target within the budget, the ratios are against the budget (steps) and the budget at
-    the fastest peer's step time (seconds), upper bounds, marked by ``baseline reached`` false.
+    Where no peer (or Muon) reached the target within the budget, the ratios are against the budget (steps) and the
+    budget at the fastest peer's (Muon's) step time (seconds), upper bounds, marked by ``baseline reached`` (``Muon
+    reached``) false.
     """
     by_method: dict[str, list[dict]] = {}
     for row in grid:
@@ -246,12 +247,16 @@ def tuned_rows(family: Family, batch: int, grid: list[dict]) -> list[dict]:
         peer_steps = budget
         peer_seconds = budget * min(rows[name]["ms_per_step"] for name in PEERS) / 1e3
     muon = rows["muon"]
+    muon_reached = math.isfinite(muon["steps"])
+    muon_steps = muon["steps"] if muon_reached else budget
+    muon_seconds = muon["seconds"] if muon_reached else budget * muon["ms_per_step"] / 1e3
     for row in rows.values():
         row["baseline reached"] = reached
         row["steps / baseline"] = row["steps"] / peer_steps
         row["time / baseline"] = row["seconds"] / peer_seconds
-        row["steps / Muon"] = row["steps"] / muon["steps"] if math.isfinite(muon["steps"]) else math.nan
-        row["time / Muon"] = row["seconds"] / muon["seconds"] if math.isfinite(muon["seconds"]) else math.nan
+        row["Muon reached"] = muon_reached
+        row["steps / Muon"] = row["steps"] / muon_steps
+        row["time / Muon"] = row["seconds"] / muon_seconds
     for tuned, default in DEFAULT_OF.items():
         rows[tuned]["default / tuned steps"] = rows[default]["steps"] / rows[tuned]["steps"]
         rows[tuned]["default / tuned time"] = rows[default]["seconds"] / rows[tuned]["seconds"]
