@@ -215,6 +215,37 @@ def batch_scaling_table() -> str:
     return _table(header, rows)
 
 
+def _seeds_cell(row: dict[str, Any], config: bool = True) -> str:
+    """A point's steps / seconds (and its configuration); the seeds that reached the target where some but not all
+    did."""
+    text = f"{_cell(row)} ({row['config']})" if config else _cell(row)
+    return text if row["reached"] in (0, row["seeds"]) else f"{text}, {row['reached']} of {row['seeds']} seeds"
+
+
+def batch_scaling_damping_table() -> str:
+    """π against relative damping per task, batch size and step: each mode's tuned point and its default point, and
+    relative over π at the tuned points."""
+    cells: dict[tuple[str, int, str], dict[str, dict[str, Any]]] = {}
+    for row in load("batch_scaling_damping")["rows"]:
+        step, mode = row["method"].split(" ")
+        mine = cells.setdefault((row["task"], row["batch"], step), {})
+        if row["tuned"]:
+            mine[f"{mode} tuned"] = row
+        if row["default"]:
+            mine[f"{mode} default"] = row
+    rows = []
+    for (task, batch, step), mine in cells.items():
+        pi, relative = mine["pi tuned"], mine["relative tuned"]
+        ratio = f"{_versus(relative['steps'], pi['steps'], math.inf, bold=False)} / "
+        ratio += _versus(relative["seconds"], pi["seconds"], math.inf)
+        default = mine["pi default"]["config"]
+        rows.append([BATCH_TASKS[task], f"{batch:,}", f"`{step}`", _seeds_cell(pi), _seeds_cell(relative), ratio,
+                     default, _seeds_cell(mine["pi default"], False), _seeds_cell(mine["relative default"], False)])  # fmt: skip
+    header = ["task", "batch", "step", "π-damping tuned", "relative tuned", "relative / π tuned: steps / time",
+              "default rate", "π at the default rate", "relative at the default rate"]  # fmt: skip
+    return _table(header, rows)
+
+
 def batch_step_cost_table() -> str:
     """Step time with the callback against the batch size, beside the flop model."""
     rows = [
@@ -450,6 +481,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "README.md": readme_table,
     "README.md#main-job": main_job_sentence,
     "docs/benchmarks.md#batch-scaling": batch_scaling_table,
+    "docs/benchmarks.md#damping-mode": batch_scaling_damping_table,
     "docs/benchmarks.md#step-cost-against-the-batch-size": batch_step_cost_table,
     "docs/benchmarks.md#language-model": language_model_table,
     "docs/benchmarks.md#step-cost": step_overhead_table,
