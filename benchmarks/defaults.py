@@ -30,6 +30,7 @@ CANDIDATES = {
     "isotropic_tail=false": {"isotropic_tail": False},
     "kl_clip=null": {"kl_clip": None},
     "kl_clip=1e-2": {"kl_clip": 1e-2},
+    "damping_mode=relative": {"damping_mode": "relative"},
 }
 
 
