@@ -181,8 +181,8 @@ class LowRankKFAC:
             return
         started = time.perf_counter()
         self.build()
-        per_example_grad = per_example_multiplier(self.options, accumulation, loss_scale)
-        record_layers(self.layers, self.rules, self.capture.pop, per_example_grad)
+        grad = per_example_multiplier(self.options, accumulation, loss_scale)
+        record_layers(self.layers, self.rules, self.capture.pop, grad, self.options.statistics_examples, self.steps)
         self.curvature_seconds += time.perf_counter() - started
 
     def fold_statistics(self, decay: float, grads_finite: Tensor | None = None) -> None:

@@ -108,6 +108,14 @@ class KFACOptions:
     )
     factor_decay: float | Schedule = option(0.95, "EMA decay ρ of the factors", scheduled(DECAY))
     factor_update_interval: int = option(1, "fold a batch into the factors every this many steps", POSITIVE_INT)
+    statistics_examples: int | None = option(
+        None,
+        "at most this many of each batch's examples (its first dimension; per rank and micro-batch) feed the "
+        "factors: a contiguous slice that moves every step, made per-example by the whole batch's multiplier, so the "
+        "estimate stays unbiased; null: all. The statistics' cost grows with their rows (tokens, conv locations) and "
+        "the rest of K-FAC's step does not: a cap keeps the curvature's cost flat as the batch grows",
+        Check("a positive integer or null", lambda v: v is None or POSITIVE_INT.test(v)),
+    )
     basis_update_interval: int = option(
         10, "refresh the low-rank bases / eigendecompositions every this many steps", POSITIVE_INT
     )

@@ -38,17 +38,59 @@ def per_example_multiplier(
     return multiplier
 
 
+Pop = Callable[[nn.Module], tuple[list[Tensor], list[Tensor]]]
+
+
 def record_layers(
     layers: Sequence[KFACLayer],
     rules: Sequence[StepRule],
-    pop: Callable[[nn.Module], tuple[list[Tensor], list[Tensor]]],
+    pop: Pop,
     per_example_grad: Callable[[float], float | Tensor],
+    examples: int | None = None,
+    step: int = 0,
 ) -> None:
-    """Each layer takes its captured rows into its factors; a rule that wants per-example pairs gets them."""
+    """Each layer takes its captured rows into its factors (of at most ``examples`` of each call's examples:
+    :func:`example_slice`); a rule that wants per-example pairs gets them."""
     for layer, rule in zip(layers, rules):
-        paired = layer.record(pop, per_example_grad, rule.row_bases())
+        layer_pop, layer_grad = (pop, per_example_grad)
+        if examples is not None:
+            layer_pop, layer_grad = example_slice(layer, pop, per_example_grad, examples, step)
+        paired = layer.record(layer_pop, layer_grad, rule.row_bases())
         if paired is not None:
             rule.accumulate_rows(*paired)
+
+
+def example_slice(
+    layer: KFACLayer, pop: Pop, per_example_grad: Callable[[float], float | Tensor], limit: int, step: int
+) -> tuple[Pop, Callable[[float], float | Tensor]]:
+    """``pop`` keeping at most ``limit`` of the N examples of each batched call (the first dimension of its input and
+    output gradient, a view: a slice that moves with ``step``), and the per-example multiplier of the whole batch.
+
+    The loss averaged over all N examples, so a kept row's output gradient is made per-example by N's multiplier,
+    while each factor's weight (1/rows) averages over the kept rows: an unbiased estimate from fewer rows."""
+    examples = [0, 0]  # the kept calls' examples (as the layer counts them) before and after the slice
+
+    def sliced(module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        inputs, grads = pop(module)
+        if len(inputs) != len(grads):
+            return inputs, grads
+        kept_inputs, kept_grads = [], []
+        for x, g in zip(inputs, grads):
+            total = x.shape[0] if layer.batched(x) and x.shape[0] == g.shape[0] else 0
+            keep = min(total, limit)
+            if 0 < keep < total:
+                start = (step * keep) % (total - keep + 1)
+                examples[0] += layer.num_samples(g)
+                x, g = x.narrow(0, start, keep), g.narrow(0, start, keep)
+                examples[1] += layer.num_samples(g)
+            kept_inputs.append(x)
+            kept_grads.append(g)
+        return kept_inputs, kept_grads
+
+    def whole_batch(kept: float) -> float | Tensor:
+        return per_example_grad(kept * examples[0] / examples[1] if examples[1] else kept)
+
+    return sliced, whole_batch
 
 
 def fold_layers(

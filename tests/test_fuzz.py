@@ -84,6 +84,7 @@ valid_options = st.fixed_dictionaries(
         "fisher_type": st.sampled_from(["empirical", "mc"]),
         "factor_dtype": st.sampled_from([None, "float32", "float64"]),
         "skip_non_finite_steps": st.booleans(),
+        "statistics_examples": st.none() | st.integers(1, 4),
     }
 )
 models = st.builds(
@@ -129,6 +130,7 @@ INVALID = {
     "factor_decay": [1.0, -0.1, 2, lambda step: 1.5],
     "factor_update_interval": [0, 1.0],
     "basis_update_interval": [0, -2],
+    "statistics_examples": [0, -1, 2.5, "all"],
     "warmup_steps": [-1, 0.5],
     "kl_clip": [0.0, -1.0, float("inf"), lambda step: -1.0],
     "damping_mode": ["absolute", None, 1],

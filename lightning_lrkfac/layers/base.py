@@ -248,6 +248,10 @@ class KFACLayer(ABC):
     def output_grad_rows(self, grads: Tensor) -> Tensor:
         """Gradients w.r.t. the layer output as rows (samples × out)."""
 
+    def batched(self, inputs: Tensor) -> bool:
+        """Whether a call's first dimension indexes its examples (in its input and output gradient alike)."""
+        return inputs.dim() >= 2
+
     @abstractmethod
     def num_samples(self, grads: Tensor) -> int:
         """Examples a mean-reduced loss averages over, for an output gradient of this shape."""

@@ -162,6 +162,9 @@ class ConvLayer(KFACLayer):
         """Unbatched calls (channels, spatial…) get a batch of one."""
         return tensor.unsqueeze(0) if tensor.dim() == len(self.module.kernel_size) + 1 else tensor
 
+    def batched(self, inputs: Tensor) -> bool:
+        return inputs.dim() == len(self.module.kernel_size) + 2
+
     def _input_rows(self, inputs: Tensor) -> Tensor:
         return self._grouped(conv_patches(self.module, self._batched(inputs)))
 
