@@ -26,9 +26,30 @@ BENCHMARKS = {
     "automatic_profile": False,
     "batch_scaling": True,
     "language_model": True,
+    "language_model_w256": True,  # the wider model at the smaller batch, against AdamW and Muon
+    "language_model_variants": True,  # the normalized step's update norm and statistics cap, against Muon
     "sharding_bytes": False,
     "main_job": False,
     "compile": False,
+}
+#: Runs of a script with arguments of their own: name → (module, arguments).
+VARIANTS = {
+    "language_model_w256": (
+        "language_model",
+        ["--width", "256", "--batches", "8", "--methods", "adamw", "muon", "normalized"],
+    ),
+    "language_model_variants": (
+        "language_model",
+        [
+            "--methods",
+            "muon",
+            "normalized",
+            "normalized-rms",
+            "normalized-capped",
+            "--output",
+            "language_model_variants",
+        ],
+    ),
 }
 
 
@@ -41,7 +62,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.list:
         for name in BENCHMARKS:
-            doc = importlib.import_module(f"benchmarks.{name}").__doc__ or ""
+            module_name, extra = VARIANTS.get(name, (name, []))
+            doc = importlib.import_module(f"benchmarks.{module_name}").__doc__ or ""
+            doc = f"{' '.join(extra)}: {doc.strip()}" if extra else doc
             print(f"{name:<18} {doc.strip().splitlines()[0] if doc.strip() else ''}")
         return
     if args.gpu:
@@ -50,8 +73,9 @@ def main() -> None:
     for name in args.only:
         print(f"\n=== benchmarks.{name} ===", flush=True)
         started = time.perf_counter()
-        module = importlib.import_module(f"benchmarks.{name}")
-        sys.argv = [name] + (["--quick"] if args.quick and BENCHMARKS[name] else [])
+        module_name, extra = VARIANTS.get(name, (name, []))
+        module = importlib.import_module(f"benchmarks.{module_name}")
+        sys.argv = [module_name, *extra] + (["--quick"] if args.quick and BENCHMARKS[name] else [])
         module.main()
         print(f"=== {name}: {time.perf_counter() - started:.0f} s ===", flush=True)
 

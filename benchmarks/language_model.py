@@ -12,7 +12,10 @@ Methods, each inside the same Lightning loop (:mod:`benchmarks.harness`):
 - ``kfac``: SGD with momentum 0.9 and the callback at its defaults (the KL clip on);
 - ``normalized``: the callback's ``step_size: normalized`` on the blocks' layers (``include: blocks.*``; rank 64,
   relative damping), :class:`~lightning_lrkfac.optim.KFACWithAdamW` with AdamW (lr 3e-3) on the rest, as Muon's
-  setup; ``normalized-tie``: the same with the tied embedding/head block preconditioned too; ``normalized-default``:
+  setup; ``normalized-tie``: the same with the tied embedding/head block preconditioned too; ``normalized-rms``: the
+  same with each layer's update at AdamW's RMS 0.2 (``update_norm: rms``, Moonlight's matching);
+  ``normalized-capped``: the same with the statistics of at most 4 sequences a step (``statistics_examples: 4``);
+  ``normalized-default``:
   the package's defaults with ``step_size: normalized`` (every layer handled, rank 16, π-damping) at Muon's 0.02.
 
 Targets, from the runs: 2.4 and 2.0 nats per byte, and the deepest, 0.05 above the best validation loss that the
@@ -21,7 +24,7 @@ learning-rate grid on seed 0; the best point for the deepest target (and the def
 (``--quick``: seed 0 only). Wall time counts training steps only, not the validation passes. torch's Muon runs its
 Newton–Schulz iteration in bfloat16, which a CPU does slowly: read Muon's steps beside its time.
 
-    python -m benchmarks.language_model [--quick] [--width 256 --batches 8]
+    python -m benchmarks.language_model [--quick] [--width 256 --batches 8] [--methods …] [--output NAME]
 """
 
 from __future__ import annotations
@@ -61,8 +64,23 @@ METHODS = [
     Method("kfac", "sgd", 0.9, {"step_rule": "kfac"}, grid=({"lr": 0.1}, {"lr": 0.3})),
     Method("normalized", "kfac-adamw", 0.0, NORMALIZED, grid=({"lr": 0.01}, {"lr": 0.02})),
     Method("normalized-tie", "kfac-adamw", 0.0, {**NORMALIZED, "include": ["blocks.*", "head"]}, grid=({"lr": 0.02},)),
+    # AdamW's RMS 0.2 (Moonlight): ‖update‖ is 0.2·√n times Muon's for an m × n (m ≥ n) matrix, 2.3× at width 128
+    Method(
+        "normalized-rms", "kfac-adamw", 0.0, {**NORMALIZED, "update_norm": "rms"}, grid=({"lr": 3e-3}, {"lr": 6e-3})
+    ),
+    # the statistics of at most 4 sequences (512 tokens) a step: half the batch at 1,024 tokens, an eighth at 4,096
+    Method(
+        "normalized-capped",
+        "kfac-adamw",
+        0.0,
+        {**NORMALIZED, "statistics_examples": 4},
+        grid=({"lr": 0.01}, {"lr": 0.02}),
+    ),
     Method("normalized-default", "kfac-adamw", 0.0, NORMALIZED_DEFAULT, grid=({"lr": 0.02},)),
 ]
+
+#: What a plain run races; the update-norm and statistics-cap variants run on request (``--methods``).
+DEFAULT_METHODS = ["adamw", "muon", "kfac", "normalized", "normalized-tie", "normalized-default"]
 
 
 @dataclass(frozen=True)
@@ -119,7 +137,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--width", type=int, default=WIDTH)
     parser.add_argument("--batches", nargs="*", type=int, default=[8, 32])
-    parser.add_argument("--methods", nargs="*", default=[m.name for m in METHODS], choices=[m.name for m in METHODS])
+    parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, choices=[m.name for m in METHODS])
+    parser.add_argument("--output", help="the result file's name (default: language_model, with _w<width> if not 128)")
     args = parser.parse_args()
     device = torch.device(args.device)
     seeds = 1 if args.quick else 3
@@ -156,7 +175,7 @@ def main() -> None:
         "every": EVERY,
         "model": {"width": args.width, "depth": DEPTH, "heads": HEADS, "context": CONTEXT, "vocabulary": VOCABULARY},
     }
-    name = "language_model" if args.width == WIDTH else f"language_model_w{args.width}"
+    name = args.output or ("language_model" if args.width == WIDTH else f"language_model_w{args.width}")
     write_json(name, meta, table + rows + curves)
     plot(tasks, methods, curves, name)
 
