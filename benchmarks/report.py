@@ -47,36 +47,49 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 #: The language-model methods that are the callback's (shown as code).
-CALLBACK_METHODS = ("kfac", "ekfac", "soap", "kfac-plain-tie", "normalized", "normalized-tie", "normalized-default")
+CALLBACK_METHODS = (
+    "kfac",
+    "ekfac",
+    "soap",
+    "kfac-plain-tie",
+    "normalized",
+    "normalized-tie",
+    "normalized-rms",
+    "normalized-capped",
+    "normalized-default",
+)
 
 
-def _language_model_rows() -> dict[tuple[int, str, str], dict[str, Any]]:
+def _language_model_rows(name: str = "language_model") -> dict[tuple[int, str, str], dict[str, Any]]:
     """(tokens per step, method, target name) → its summary row (harness schema) at the method's best point."""
-    return {(row["tokens"], row["method"], row["target"]): row for row in _rows("language_model")}
+    return {(row["tokens"], row["method"], row["target"]): row for row in _rows(name)}
 
 
-def language_model_table() -> str:
+def language_model_table(name: str = "language_model") -> str:
     """Steps to each target validation loss per batch size and method (its best point for the deepest target), with
-    the deepest target's steps and wall time against tuned Muon's and AdamW's."""
-    rows = _language_model_rows()
+    the deepest target's steps and wall time against tuned Muon's, and AdamW's where it ran (``name``: the result
+    file, one width)."""
+    rows = _language_model_rows(name)
+    adamw = any(method == "adamw" for _, method, _ in rows)
     lines = []
     for tokens, method, target in rows:
         if target != "deepest":
             continue
         deep = rows[(tokens, method, "deepest")]
-        steps = [_steps(rows[(tokens, method, name)]["steps"]) for name in ("2.4", "2", "deepest")]
-        name = f"`{method}`" if method in CALLBACK_METHODS else method
+        steps = [_steps(rows[(tokens, method, goal)]["steps"]) for goal in ("2.4", "2", "deepest")]
+        against = [deep["steps / Muon"], deep["time / Muon"]] + ([deep["time / AdamW"]] if adamw else [])
         lines.append(
             [
-                f"{tokens:,}", name, deep["config"].removeprefix("lr="), f"{deep['reached']}/{deep['seeds']}",
-                *steps, f"{deep['loss']:.3f}", _number(deep["seconds"], 1), f"{deep['ms_per_step']:.0f}",
-                _number(deep["steps / Muon"]), _number(deep["time / Muon"]), _number(deep["time / AdamW"]),
+                f"{tokens:,}", f"`{method}`" if method in CALLBACK_METHODS else method,
+                deep["config"].removeprefix("lr="), f"{deep['reached']}/{deep['seeds']}", *steps, f"{deep['loss']:.3f}",
+                _number(deep["seconds"], 1), f"{deep['ms_per_step']:.0f}", *map(_number, against),
                 f"{-deep['best']:.3f}",
             ]
         )  # fmt: skip
     header = [
         "tokens/step", "method", "lr", "seeds at the deepest", "steps to 2.4", "to 2.0", "to the deepest",
-        "deepest target", "seconds to it", "ms/step", "steps / Muon", "time / Muon", "time / AdamW", "best val. loss",
+        "deepest target", "seconds to it", "ms/step", "steps / Muon", "time / Muon", *(["time / AdamW"] if adamw else []),
+        "best val. loss",
     ]  # fmt: skip
     return _table(header, lines)
 
@@ -484,6 +497,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "docs/benchmarks.md#damping-mode": batch_scaling_damping_table,
     "docs/benchmarks.md#step-cost-against-the-batch-size": batch_step_cost_table,
     "docs/benchmarks.md#language-model": language_model_table,
+    "docs/benchmarks.md#language-model (width 256)": lambda: language_model_table("language_model_w256"),
     "docs/benchmarks.md#step-cost": step_overhead_table,
     "docs/benchmarks.md#time-to-accuracy": time_to_accuracy_table,
     "docs/benchmarks.md#layer-scaling": layer_scaling_table,
