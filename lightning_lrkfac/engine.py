@@ -181,8 +181,8 @@ class LowRankKFAC:
             return
         started = time.perf_counter()
         self.build()
-        grad = per_example_multiplier(self.options, accumulation, loss_scale)
-        record_layers(self.layers, self.rules, self.capture.pop, grad, self.options.statistics_examples, self.steps)
+        scale = per_example_multiplier(self.options, accumulation, loss_scale)  # makes an output grad one example's
+        record_layers(self.layers, self.rules, self.capture.pop, scale, self.options.statistics_examples, self.steps)
         self.curvature_seconds += time.perf_counter() - started
 
     def fold_statistics(self, decay: float, grads_finite: Tensor | None = None) -> None:

@@ -68,7 +68,7 @@ def example_slice(
 
     The loss averaged over all N examples, so a kept row's output gradient is made per-example by N's multiplier,
     while each factor's weight (1/rows) averages over the kept rows: an unbiased estimate from fewer rows."""
-    examples = [0, 0]  # the kept calls' examples (as the layer counts them) before and after the slice
+    examples = [0, 0]  # every call's examples (as the layer counts them) before and after the slice
 
     def sliced(module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
         inputs, grads = pop(module)
@@ -76,13 +76,13 @@ def example_slice(
             return inputs, grads
         kept_inputs, kept_grads = [], []
         for x, g in zip(inputs, grads):
+            examples[0] += layer.num_samples(g)
             total = x.shape[0] if layer.batched(x) and x.shape[0] == g.shape[0] else 0
             keep = min(total, limit)
             if 0 < keep < total:
                 start = (step * keep) % (total - keep + 1)
-                examples[0] += layer.num_samples(g)
                 x, g = x.narrow(0, start, keep), g.narrow(0, start, keep)
-                examples[1] += layer.num_samples(g)
+            examples[1] += layer.num_samples(g)
             kept_inputs.append(x)
             kept_grads.append(g)
         return kept_inputs, kept_grads
