@@ -160,7 +160,7 @@ class ConvLayer(KFACLayer):
 
     def _batched(self, tensor: Tensor) -> Tensor:
         """Unbatched calls (channels, spatial…) get a batch of one."""
-        return tensor.unsqueeze(0) if tensor.dim() == len(self.module.kernel_size) + 1 else tensor
+        return tensor if self.batched(tensor) else tensor.unsqueeze(0)
 
     def batched(self, inputs: Tensor) -> bool:
         return inputs.dim() == len(self.module.kernel_size) + 2
