@@ -62,7 +62,10 @@ def _settings(group: dict[str, Any]) -> dict[str, Any]:
 
 
 def _adds_moments(optimizer: Any) -> int | None:
-    """The first parameter group whose optimizer adds momentum or rescales the step (None: plain SGD steps)."""
+    """The first parameter group whose optimizer adds momentum or rescales the step (None: plain SGD steps, or an
+    optimizer that takes the handled parameters' ``.grad`` as the finished step: :class:`.optim.KFACWithAdamW`)."""
+    if getattr(optimizer, "takes_finished_steps", False):
+        return None
     for index, group in enumerate(optimizer.param_groups):
         if "betas" in group or group.get("momentum", 0) or "alpha" in group or "lr_decay" in group:
             return index
@@ -175,7 +178,8 @@ CONFLICTS: tuple[Conflict, ...] = (
         lambda o, optimizer: _traits(o).finished_step and _adds_moments(optimizer) is not None,
         lambda o, optimizer: (
             f"step_rule={o.step_rule!r} already applies Adam's moments; use torch.optim.SGD with "
-            f"momentum=0 (its lr is then Adam's), got {type(optimizer).__name__} with param group "
+            "momentum=0 (its lr is then Adam's) or lightning_lrkfac.optim.KFACWithAdamW (AdamW on the parameters "
+            f"the engine does not handle), got {type(optimizer).__name__} with param group "
             f"{_adds_moments(optimizer)}: {_settings(optimizer.param_groups[_adds_moments(optimizer)])}"
         ),
     ),

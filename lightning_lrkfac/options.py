@@ -160,7 +160,7 @@ class KFACOptions:
         "the step from the curvature: `kfac` (B⁻¹GA⁻¹); `ekfac` (George et al. 2018: in the kept eigenbasis, divide "
         "by running second moments of per-example gradients, K-FAC on the rest); `soap` (Vyas et al. 2024: Adam in "
         "the kept eigenbasis, diagonal Adam on the rest; its step is Adam's, so pair it with SGD without momentum "
-        "at an Adam learning rate, and kl_clip null)",
+        "at an Adam learning rate, or with lightning_lrkfac.optim.KFACWithAdamW, and kl_clip null)",
         one_of(*STEP_RULES),
         checkpoint=True,
     )

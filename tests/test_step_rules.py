@@ -8,6 +8,7 @@ from torch import nn
 
 from lightning_lrkfac import LowRankKFAC, LowRankKFACCallback
 from lightning_lrkfac.layers.conv import conv_patches
+from lightning_lrkfac.optim import KFACWithAdamW
 from lightning_lrkfac.step_rules import Bases
 
 from .helpers import (
@@ -326,6 +327,34 @@ def test_soap_asks_for_plain_sgd_and_no_kl_clip():
         with pytest.raises(ValueError, match="SGD with momentum=0"):
             kfac.check_optimizer(optimizer)
     kfac.check_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4))
+
+
+def test_soap_takes_kfac_with_adamw_its_step_finished_and_adamw_on_the_rest():
+    """KFACWithAdamW (Adam's moments only on what the engine leaves) is accepted for soap, as for the normalized
+    step: θ ← θ − lr·(soap's step) on the handled layer, torch's AdamW on the LayerNorm."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8))
+    reference = nn.LayerNorm(8)
+    reference.load_state_dict(model[1].state_dict())
+    optimizer = KFACWithAdamW(model.parameters(), lr=1e-3, adamw_lr=3e-3)
+    adamw = torch.optim.AdamW(reference.parameters(), lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    with LowRankKFAC(model, step_rule="soap", kl_clip=None, rank=4) as kfac:
+        kfac.check_optimizer(optimizer)
+        x = torch.randn(16, 6)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(x).pow(2).mean().backward()
+            raw = model[0].weight.grad.clone()
+            kfac.step()
+            assert not torch.allclose(model[0].weight.grad, raw)  # soap's step, not the gradient
+            for mine, theirs in zip(reference.parameters(), model[1].parameters()):
+                mine.grad = theirs.grad.clone()
+            expected = model[0].weight.detach() - 1e-3 * model[0].weight.grad
+            optimizer.step()
+            adamw.step()
+            torch.testing.assert_close(model[0].weight, expected, rtol=0, atol=1e-7)
+            for mine, theirs in zip(reference.parameters(), model[1].parameters()):
+                torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-7)
 
 
 class PlainSGDDigits(DigitsModule):
