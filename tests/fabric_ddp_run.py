@@ -44,6 +44,7 @@ def train(fabric: Fabric, out: str) -> None:
             optimizer.step()
     if rank == 0:
         torch.save({"parameters": [p.detach().clone() for p in model.parameters()], "steps": kfac.steps}, out)
+    fabric.barrier()  # leave together: a rank exiting while the other still uses gloo can abort it (SIGABRT, seen once)
 
 
 def main() -> None:
