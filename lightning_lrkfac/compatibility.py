@@ -36,7 +36,7 @@ STEP_RULES: dict[str, StepRuleTraits] = {
 STEP_SIZES = ("optimizer", "auto", "normalized")
 WORK_DISTRIBUTIONS = ("replicate", "layerwise")
 DAMPING_MODES = ("pi", "relative")
-UPDATE_NORMS = ("muon", "rms")
+UPDATE_NORMS = ("muon", "rms", "polar")
 
 
 def _traits(options: Any) -> StepRuleTraits:
@@ -207,6 +207,14 @@ CONFLICTS: tuple[Conflict, ...] = (
         lambda o, _: (
             "`step_size`='auto' needs whole gradients on every rank (a single device or DDP); under FSDP2 "
             "use step_size 'optimizer'"
+        ),
+    ),
+    Conflict(
+        "fsdp2",
+        lambda o, _: _normalized(o) and o.update_norm == "polar",
+        lambda o, _: (
+            "`update_norm`='polar' orthogonalizes each layer's whole update, which FSDP2 shards over the ranks; "
+            "under FSDP2 use update_norm 'muon' or 'rms'"
         ),
     ),
     Conflict(

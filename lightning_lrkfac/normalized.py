@@ -6,11 +6,14 @@ curvature methods that beat it on transformers keep that half and change the dir
     m ← β m + (1 − β) g,   u = (1 − β) g + β m          (Nesterov, Muon's form: written into ``.grad``)
     P = the step rule's direction for u                   (K-FAC: (B + δ_B)⁻¹ u (A + δ_A)⁻¹, in place)
     .grad ← P · ν / ‖P‖_F,  ν = √min(m,n)·√max(1, m/n)    (``update_norm="muon"``; "rms": 0.2·√(m·n))
+    .grad ← polar(P) · √max(1, m/n)                       (``update_norm="polar"``: Muon's orthogonalization)
 
 for the layer's m × n gradient matrix [W b] (outputs by inputs, an augmented bias column included). The optimizer
 then subtracts lr × that (plain SGD, momentum 0: its weight decay is decoupled). The momentum is two in-place passes
 over the gradients, the norm one read and the scaling one read and write; the norm of a sharded layer (FSDP2) is
-summed over its shards. Everything stays on the device: no host sync.
+summed over its shards. ``polar`` runs Muon's Newton–Schulz iteration on each layer's [W b] (one copy of it, since
+the matmuls need one matrix) in float32, or float64 for float64 gradients. Everything stays on the device: no host
+sync.
 """
 
 from __future__ import annotations
@@ -37,6 +40,25 @@ def target_norm(rows: int, columns: int, rule: str) -> float:
     return math.sqrt(min(rows, columns)) * math.sqrt(max(1.0, rows / columns))
 
 
+#: Muon's quintic Newton–Schulz coefficients (Jordan et al. 2024): X ← aX + (bXXᵀ + c(XXᵀ)²)X drives every singular
+#: value of X (scaled to ‖X‖_F = 1) into about [0.7, 1.2] in 5 steps, keeping the singular vectors.
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+NEWTON_SCHULZ_STEPS = 5
+
+
+def polar_factor(matrix: Tensor) -> Tensor:
+    """≈ UVᵀ of X = UΣVᵀ by Muon's Newton–Schulz iteration, in float32 (float64 for float64 X); zero stays zero."""
+    a, b, c = NEWTON_SCHULZ
+    x = matrix.to(torch.promote_types(matrix.dtype, torch.float32))
+    wide = x.shape[0] <= x.shape[1]
+    x = x if wide else x.mT  # XXᵀ on the smaller side
+    x = x / torch.linalg.matrix_norm(x).clamp_min(torch.finfo(x.dtype).tiny)
+    for _ in range(NEWTON_SCHULZ_STEPS):
+        gram = x @ x.mT
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x if wide else x.mT
+
+
 def update_shape(layer: KFACLayer) -> tuple[int, int]:
     """(m, n) of a layer's update [W b] as its gradient matrix: the outputs (of every block of a grouped conv) by the
     inputs (a conv's channels × kernel, and an augmented bias column). A block of a shared weight (an attention
@@ -55,8 +77,10 @@ class NormalizedStep:
     """The momenta of the handled layers' gradients and each layer's update norm (see the module)."""
 
     def __init__(self, layers: Sequence[KFACLayer], beta: float, rule: str) -> None:
-        self.layers, self.beta = list(layers), beta
+        self.layers, self.beta, self.rule = list(layers), beta, rule
         self.targets = [target_norm(*update_shape(layer), rule) for layer in layers]
+        #: ``polar``: √max(1, m/n) of each layer's m × n update (Muon's scale of an orthogonal update).
+        self.aspects = [math.sqrt(max(1.0, rows / columns)) for rows, columns in map(update_shape, layers)]
         #: (layer, piece) → the momentum of that gradient view, made at its first gradient (or loaded).
         self.momenta: dict[tuple[int, int], Tensor] = {}
         self._owners: dict[tuple[int, ...], Tensor] = {}
@@ -78,7 +102,10 @@ class NormalizedStep:
         self.take_momentum(finite, grads, keys)
         if precondition is not None:
             precondition()
-        self.set_norms(comm, grads, keys)
+        if self.rule == "polar":
+            self.orthogonalize(grads, keys)
+        else:
+            self.set_norms(comm, grads, keys)
 
     def _grads(self) -> tuple[list[Tensor], list[tuple[int, int]]]:
         """The gradient views of every layer's update, and their (layer, piece) keys."""
@@ -135,6 +162,21 @@ class NormalizedStep:
         scales = torch.where(norm > 0, self._targets / norm.clamp_min(tiny), torch.zeros_like(norm))
         for grad, owner in zip(grads, owners):
             grad.mul_(scales[owner].to(grad.dtype))
+
+    def orthogonalize(self, grads: list[Tensor], keys: list[tuple[int, int]]) -> None:
+        """Write each layer's update [W b] as its polar factor times √max(1, m/n) (:func:`polar_factor`)."""
+        pieces: dict[int, list[Tensor]] = {}
+        for grad, (owner, _) in zip(grads, keys):
+            pieces.setdefault(owner, []).append(grad)
+        for owner, views in pieces.items():
+            rows = views[0].shape[0]
+            columns = [view.reshape(rows, -1) for view in views]  # the weight's (a view), then the bias's column
+            matrix = torch.cat(columns, dim=1) if len(columns) > 1 else columns[0]
+            polar = polar_factor(matrix) * self.aspects[owner]
+            start = 0
+            for view, column in zip(views, columns):
+                view.copy_(polar[:, start : start + column.shape[1]].reshape(view.shape))
+                start += column.shape[1]
 
     def state_tensors(self) -> dict[str, Tensor]:
         return {f"momentum.{i}.{j}": m for (i, j), m in sorted(self.momenta.items())}

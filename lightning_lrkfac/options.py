@@ -145,7 +145,9 @@ class KFACOptions:
     update_norm: str = option(
         "muon",
         "for `normalized`: each layer's ‖[W b] update‖_F; `muon`: √min(m,n)·√max(1, m/n) for an m×n gradient matrix "
-        "(torch's Muon: its learning rate transfers); `rms`: 0.2·√(m·n), AdamW's typical RMS 0.2 (Moonlight)",
+        "(torch's Muon: its learning rate transfers); `rms`: 0.2·√(m·n), AdamW's typical RMS 0.2 (Moonlight); "
+        "`polar`: the update's polar factor by Muon's Newton–Schulz iteration (5 steps, in float32 or the "
+        "gradient's wider dtype), times √max(1, m/n): Muon's orthogonalization of K-FAC's direction (not under FSDP2)",
         one_of(*UPDATE_NORMS),
     )
     damping_adaptation_interval: int = option(

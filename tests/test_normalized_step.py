@@ -11,7 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_lrkfac import LowRankKFAC, LowRankKFACCallback
+from lightning_lrkfac.compatibility import check
 from lightning_lrkfac.optim import KFACWithAdamW
+from lightning_lrkfac.options import KFACOptions
 from tests.helpers import DigitsModule, digits_loader, quiet_trainer
 
 LAMBDA, BETA, LR = 1e-2, 0.9, 0.05
@@ -31,9 +33,9 @@ class DenseReference:
     """The rule written out densely: m ← βm + (1−β)G, U = (1−β)G + βm, P = (B + δ_B)⁻¹ U (A + δ_A)⁻¹ with the
     factors of this batch alone (factor_decay 0), P scaled to Muon's norm, for every Linear (bias as a ones column)."""
 
-    def __init__(self, model: nn.Module, damping_mode: str) -> None:
+    def __init__(self, model: nn.Module, damping_mode: str, update_norm: str = "muon") -> None:
         self.linears = [m for m in model if isinstance(m, nn.Linear)]
-        self.mode = damping_mode
+        self.mode, self.update_norm = damping_mode, update_norm
         self.inputs, self.output_grads = {}, {}
         self.momenta = {
             id(m): torch.zeros(m.out_features, m.in_features + 1, dtype=torch.float64) for m in self.linears
@@ -67,16 +69,31 @@ class DenseReference:
             eye_a, eye_b = torch.eye(a_factor.shape[0], dtype=x.dtype), torch.eye(b_factor.shape[0], dtype=x.dtype)
             right = torch.linalg.solve(a_factor + damping_a * eye_a, nesterov.T).T  # U (A + δ_A)⁻¹ (A symmetric)
             natural = torch.linalg.solve(b_factor + damping_b * eye_b, right)
-            result.append(natural * muon_norm(*natural.shape) / natural.norm())
+            if self.update_norm == "polar":
+                result.append(polar_by_svd(natural) * math.sqrt(max(1.0, natural.shape[0] / natural.shape[1])))
+            else:
+                result.append(natural * muon_norm(*natural.shape) / natural.norm())
         return result
 
 
-@pytest.mark.parametrize("damping_mode", ["pi", "relative"])
-def test_exact_mode_equals_the_dense_float64_rule(damping_mode):
+def polar_by_svd(matrix: torch.Tensor) -> torch.Tensor:
+    """What 5 steps of Muon's quintic Newton–Schulz iteration make of X = UΣVᵀ, from an SVD: U f(Σ/‖X‖_F) Vᵀ with
+    f(σ) = aσ + bσ³ + cσ⁵ applied 5 times to each singular value."""
+    u, sigma, vt = torch.linalg.svd(matrix, full_matrices=False)
+    sigma = sigma / matrix.norm()
+    for _ in range(5):
+        sigma = 3.4445 * sigma - 4.7750 * sigma**3 + 2.0315 * sigma**5
+    return (u * sigma) @ vt
+
+
+@pytest.mark.parametrize(("damping_mode", "update_norm"), [("pi", "muon"), ("relative", "muon"), ("relative", "polar")])
+def test_exact_mode_equals_the_dense_float64_rule(damping_mode, update_norm):
     model, twin = mlp(), mlp()
-    reference = DenseReference(twin, damping_mode)
+    reference = DenseReference(twin, damping_mode, update_norm)
     x, y = torch.randn(32, 5, dtype=torch.float64), torch.randint(0, 4, (32,))
-    options = dict(NORMALIZED, damping_mode=damping_mode, factor_decay=0.0, basis_update_interval=1)
+    options = dict(
+        NORMALIZED, damping_mode=damping_mode, update_norm=update_norm, factor_decay=0.0, basis_update_interval=1
+    )
     optimizer, twin_optimizer = torch.optim.SGD(model.parameters(), lr=LR), torch.optim.SGD(twin.parameters(), lr=LR)
     with LowRankKFAC(model, **options) as kfac:
         kfac.check_optimizer(optimizer)
@@ -98,26 +115,55 @@ def test_exact_mode_equals_the_dense_float64_rule(damping_mode):
             twin_optimizer.step()
 
 
-@pytest.mark.parametrize("update_norm", ["muon", "rms"])
-def test_every_layer_writes_its_set_norm(update_norm):
-    """Low rank, a conv and a wide head: each layer's [W b] update has its norm; the plain parameters are untouched."""
+def conv_and_wide_head() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(
+    return nn.Sequential(
         nn.Conv1d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 30, 200), nn.LayerNorm(200), nn.Linear(200, 50)
     )
+
+
+def layer_updates(model: nn.Module, update_norm: str, steps: int = 3):
+    """Each step's [W b] update of every handled layer (low rank, a conv, a wide head), and whether the LayerNorm
+    kept its gradient."""
+    torch.manual_seed(1)
     x, y = torch.randn(64, 3, 32), torch.randint(0, 50, (64,))
     with LowRankKFAC(model, **dict(NORMALIZED, update_norm=update_norm), rank=8) as kfac:
-        for step in range(3):
+        for _ in range(steps):
             model.zero_grad()
             F.cross_entropy(model(x), y).backward()
             plain = model[4].weight.grad.clone()
             kfac.step()
-            assert torch.equal(model[4].weight.grad, plain), "the LayerNorm keeps its gradient"
+            updates = {}
             for layer in kfac.layers:
-                rows, columns = layer.weight.shape[0], layer.weight[0].numel() + 1
-                target = muon_norm(rows, columns) if update_norm == "muon" else 0.2 * math.sqrt(rows * columns)
-                norm = torch.cat([layer.weight.grad.flatten(), layer.module.bias.grad]).norm()
-                assert float(norm) == pytest.approx(target, rel=1e-5), (layer.name, step)
+                rows = layer.weight.shape[0]
+                weight = layer.weight.grad.reshape(rows, -1)
+                updates[layer.name] = torch.cat([weight, layer.module.bias.grad[:, None]], dim=1).clone()
+            yield updates, torch.equal(model[4].weight.grad, plain)
+
+
+@pytest.mark.parametrize("update_norm", ["muon", "rms"])
+def test_every_layer_writes_its_set_norm(update_norm):
+    """Low rank, a conv and a wide head: each layer's [W b] update has its norm; the plain parameters are untouched."""
+    for step, (updates, norm_untouched) in enumerate(layer_updates(conv_and_wide_head(), update_norm)):
+        assert norm_untouched, "the LayerNorm keeps its gradient"
+        for name, update in updates.items():
+            rows, columns = update.shape
+            target = muon_norm(rows, columns) if update_norm == "muon" else 0.2 * math.sqrt(rows * columns)
+            assert float(update.norm()) == pytest.approx(target, rel=1e-5), (name, step)
+
+
+def test_polar_writes_newton_schulz_of_the_direction_by_svd():
+    """``update_norm='polar'`` writes what 5 Newton–Schulz steps make of the same direction (the ``muon`` run's,
+    which differs only by its length), computed from an SVD in float64, times √max(1, m/n)."""
+    polar = layer_updates(conv_and_wide_head(), "polar")
+    for step, ((directions, _), (updates, norm_untouched)) in enumerate(
+        zip(layer_updates(conv_and_wide_head(), "muon"), polar)
+    ):
+        assert norm_untouched, "the LayerNorm keeps its gradient"
+        for name, update in updates.items():
+            rows, columns = update.shape
+            want = polar_by_svd(directions[name].double()) * math.sqrt(max(1.0, rows / columns))
+            torch.testing.assert_close(update.double(), want, rtol=0, atol=2e-4, msg=f"{name}, step {step}")
 
 
 def test_resume_continues_exactly():
@@ -307,3 +353,10 @@ def test_kfac_with_adamw_learns_every_handled_parameter_attention_included():
         kfac.check_optimizer(optimizer)
     adamw = {name for name, p in model.named_parameters() if id(p) not in optimizer.finished}
     assert adamw == {"norm.weight", "norm.bias"}
+
+
+def test_polar_is_refused_under_fsdp2_and_the_norms_are_not():
+    """The polar factor needs each layer's whole matrix, which FSDP2 shards: refused by name at setup."""
+    with pytest.raises(ValueError, match="update_norm"):
+        check("fsdp2", KFACOptions(**NORMALIZED, update_norm="polar"))
+    check("fsdp2", KFACOptions(**NORMALIZED, update_norm="muon"))
