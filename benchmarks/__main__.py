@@ -28,6 +28,7 @@ BENCHMARKS = {
     "language_model": True,
     "language_model_w256": True,  # the wider model at the smaller batch, against AdamW and Muon
     "language_model_variants": True,  # the normalized step's update norm and statistics cap, against Muon
+    "language_model_polar": True,  # each layer's update orthogonalized, against the normalized step and Muon (1,024 tokens)
     "language_model_cost": True,  # the statistics capped, and folded every 4th step, against Muon
     "sharding_bytes": False,
     "main_job": False,
@@ -50,6 +51,10 @@ VARIANTS = {
             "--output",
             "language_model_variants",
         ],
+    ),
+    "language_model_polar": (
+        "language_model",
+        ["--batches", "8", "--methods", "muon", "normalized", "normalized-polar", "--output", "language_model_polar"],
     ),
     "language_model_cost": (
         "language_model",

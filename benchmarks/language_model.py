@@ -15,7 +15,8 @@ Methods, each inside the same Lightning loop (:mod:`benchmarks.harness`):
   setup; ``normalized-tie``: the same with the tied embedding/head block preconditioned too; ``normalized-rms``: the
   same with each layer's update at AdamW's RMS 0.2 (``update_norm: rms``, Moonlight's matching);
   ``normalized-capped``: the same with the statistics of at most 4 sequences a step (``statistics_examples: 4``);
-  ``normalized-lean``: capped, and folded into the factors every 4th step (``factor_update_interval: 4``);
+  ``normalized-polar``: the same with each layer's update orthogonalized (``update_norm: polar``: Muon's Newton–Schulz
+  on K-FAC's direction); ``normalized-lean``: capped, and folded into the factors every 4th step (``factor_update_interval: 4``);
   ``normalized-default``:
   the package's defaults with ``step_size: normalized`` (every layer handled, rank 16, π-damping) at Muon's 0.02.
 
@@ -77,7 +78,11 @@ METHODS = [
         {**NORMALIZED, "statistics_examples": 4},
         grid=({"lr": 0.01}, {"lr": 0.02}),
     ),
-    # and fold them into the factors every 4th step only (the capture hooks are off on the other steps)
+    # each layer's update orthogonalized as Muon's (Newton–Schulz on K-FAC's direction), at Muon's scale
+    Method(
+        "normalized-polar", "kfac-adamw", 0.0, {**NORMALIZED, "update_norm": "polar"}, grid=({"lr": 0.01}, {"lr": 0.02})
+    ),
+    # the statistics capped, and folded into the factors every 4th step only (the capture hooks are off on the other steps)
     Method(
         "normalized-lean",
         "kfac-adamw",

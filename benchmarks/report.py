@@ -57,6 +57,7 @@ CALLBACK_METHODS = (
     "normalized-rms",
     "normalized-capped",
     "normalized-lean",
+    "normalized-polar",
     "normalized-default",
 )
 
@@ -501,6 +502,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "docs/benchmarks.md#language-model (width 256)": lambda: language_model_table("language_model_w256"),
     "docs/benchmarks.md#language-model (variants)": lambda: language_model_table("language_model_variants"),
     "docs/benchmarks.md#language-model (cost)": lambda: language_model_table("language_model_cost"),
+    "docs/benchmarks.md#language-model (polar)": lambda: language_model_table("language_model_polar"),
     "docs/benchmarks.md#step-cost": step_overhead_table,
     "docs/benchmarks.md#time-to-accuracy": time_to_accuracy_table,
     "docs/benchmarks.md#layer-scaling": layer_scaling_table,
