@@ -34,10 +34,12 @@ if TYPE_CHECKING:
 
 
 def target_norm(rows: int, columns: int, rule: str) -> float:
-    """‖update‖_F of an m × n matrix: Muon's √min(m,n)·√max(1, m/n), or AdamW's typical RMS 0.2 times √(m·n)."""
+    """Each rule's length of an m × n update: ‖update‖_F, Muon's √min(m,n)·√max(1, m/n) or AdamW's typical RMS 0.2
+    times √(m·n); for ``polar`` the factor √max(1, m/n) of the orthogonal update (whose norm is then about Muon's)."""
     if rule == "rms":
         return 0.2 * math.sqrt(rows * columns)
-    return math.sqrt(min(rows, columns)) * math.sqrt(max(1.0, rows / columns))
+    aspect = math.sqrt(max(1.0, rows / columns))
+    return aspect if rule == "polar" else math.sqrt(min(rows, columns)) * aspect
 
 
 #: Muon's quintic Newton–Schulz coefficients (Jordan et al. 2024): X ← aX + (bXXᵀ + c(XXᵀ)²)X drives every singular
@@ -79,8 +81,6 @@ class NormalizedStep:
     def __init__(self, layers: Sequence[KFACLayer], beta: float, rule: str) -> None:
         self.layers, self.beta, self.rule = list(layers), beta, rule
         self.targets = [target_norm(*update_shape(layer), rule) for layer in layers]
-        #: ``polar``: √max(1, m/n) of each layer's m × n update (Muon's scale of an orthogonal update).
-        self.aspects = [math.sqrt(max(1.0, rows / columns)) for rows, columns in map(update_shape, layers)]
         #: (layer, piece) → the momentum of that gradient view, made at its first gradient (or loaded).
         self.momenta: dict[tuple[int, int], Tensor] = {}
         self._owners: dict[tuple[int, ...], Tensor] = {}
@@ -172,7 +172,7 @@ class NormalizedStep:
             rows = views[0].shape[0]
             columns = [view.reshape(rows, -1) for view in views]  # the weight's (a view), then the bias's column
             matrix = torch.cat(columns, dim=1) if len(columns) > 1 else columns[0]
-            polar = polar_factor(matrix) * self.aspects[owner]
+            polar = polar_factor(matrix) * self.targets[owner]
             start = 0
             for view, column in zip(views, columns):
                 view.copy_(polar[:, start : start + column.shape[1]].reshape(view.shape))
